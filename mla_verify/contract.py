@@ -33,6 +33,7 @@ __all__ = [
     "CONTRACT_ARGUMENTS",
     "Capabilities",
     "DecodeKernel",
+    "MissingDependency",
     "declare",
     "capabilities_of",
     "check_signature",
@@ -41,6 +42,15 @@ __all__ = [
 
 CONTRACT_ARGUMENTS = ("q", "kv_cache", "block_table", "cache_seqlens", "head_dim_v", "softmax_scale",
                       "causal")
+
+
+class MissingDependency(ImportError):
+    """An adapter's library is not installed; the message is one line naming what to install."""
+
+    def __init__(self, library: str, install: str) -> None:
+        super().__init__(f"{library} is not installed: {install}")
+        self.library = library
+        self.install = install
 
 
 class DecodeKernel(Protocol):
