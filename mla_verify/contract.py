@@ -77,6 +77,8 @@ class Capabilities:
     deterministic: bool = True
     # Accepts a cache that is a strided view of a wider buffer.
     strided_cache: bool = True
+    # Type of the score and P·V accumulators; None: float32 (float64 for float64 inputs).
+    accumulation_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if not self.dtypes:
@@ -90,6 +92,11 @@ class Capabilities:
 
     def replace(self, **changes: object) -> Capabilities:
         return dataclasses.replace(self, **changes)
+
+    def accumulation_for(self, input_dtype: torch.dtype) -> torch.dtype:
+        if self.accumulation_dtype is not None:
+            return self.accumulation_dtype
+        return torch.float64 if input_dtype == torch.float64 else torch.float32
 
     def supports_heads(self, h_q: int) -> bool:
         if self.head_counts is not None:

@@ -37,6 +37,8 @@ __all__ = [
     "apply_rope",
     "attention_scores_softmax",
     "mla_forward",
+    "PagedDecodeTerms",
+    "paged_decode_terms",
     "paged_decode_reference",
 ]
 
@@ -135,6 +137,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
 def attention_scores_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax over the last axis. Returns (p, lse); a row with nothing visible gets p = 0 and
     lse = -inf rather than NaN."""
+    if scores.shape[-1] == 0:
+        return torch.zeros_like(scores), torch.full(scores.shape[:-1], -math.inf, dtype=scores.dtype,
+                                                    device=scores.device)
     masked = scores.masked_fill(~visible, -math.inf)
     row_max = masked.amax(dim=-1, keepdim=True)
     empty = torch.isneginf(row_max)
@@ -272,15 +277,27 @@ def mla_forward(config: MLAConfig, weights: MLAWeights, x: torch.Tensor, start_p
     return out_heads.flatten(2) @ weights.wo.to(F64).T
 
 
-def paged_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                           cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
-                           causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode core in the contract's layout (see mla_verify.contract), computed in float64 from
-    the inputs exactly as given (already rounded to the kernel's input type).
+@dataclass
+class PagedDecodeTerms:
+    """The float64 quantities of one paged decode, kept for the error model.
 
-    Returns out [b, s_q, h_q, head_dim_v] float64 and lse [b, h_q, s_q] float64 (natural log); a row
-    that sees no key has out 0 and lse -inf. Only the blocks a sequence uses are read, so unused
-    slots, unused blocks and out-of-range ids in unused block-table entries never matter."""
+    rows [b, t, d] the gathered cache rows (zero past each length); valid [b, t] slot within the
+    length; visible [b, s_q, 1|h, t] slot seen by the query row; scores [b, s_q, h, t] scaled;
+    p [b, s_q, h, t] softmax; out [b, s_q, h, head_dim_v]; lse [b, h, s_q] natural log."""
+
+    rows: torch.Tensor
+    valid: torch.Tensor
+    visible: torch.Tensor
+    scores: torch.Tensor
+    p: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def paged_decode_terms(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                       cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
+                       causal: bool = False) -> PagedDecodeTerms:
+    """paged_decode_reference with its intermediate quantities (see PagedDecodeTerms)."""
     validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v)
     b, s_q, h_q, d = q.shape
     page_size = kv_cache.shape[1]
@@ -288,12 +305,10 @@ def paged_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     lengths = cache_seqlens.to(device=device, dtype=torch.int64)
     max_len = int(lengths.max()) if b else 0
     blocks_needed = -(-max_len // page_size)
-    if blocks_needed == 0:
-        return (torch.zeros(b, s_q, h_q, head_dim_v, dtype=F64, device=device),
-                torch.full((b, h_q, s_q), -math.inf, dtype=F64, device=device))
 
     # Gather [b, t, d] over the longest sequence; slots past a length are zeroed (they may hold NaN)
-    # and masked out of the softmax.
+    # and masked out of the softmax. Only the blocks a sequence uses are read, so out-of-range ids
+    # in unused block-table entries never matter.
     positions = torch.arange(blocks_needed * page_size, device=device)
     valid = positions[None, :] < lengths[:, None]  # [b, t]
     block_ids = block_table[:, :blocks_needed].to(device=device, dtype=torch.int64)
@@ -309,4 +324,17 @@ def paged_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
         visible = visible & (positions[None, None, :] < limit[..., None])[:, :, None, :]
     p, lse = attention_scores_softmax(scores, visible)
     out = torch.einsum("bsht,btc->bshc", p, rows[..., :head_dim_v])
-    return out, lse.permute(0, 2, 1).contiguous()
+    return PagedDecodeTerms(rows=rows, valid=valid, visible=visible, scores=scores, p=p, out=out,
+                            lse=lse.permute(0, 2, 1).contiguous())
+
+
+def paged_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                           cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
+                           causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode core in the contract's layout (see mla_verify.contract), computed in float64 from
+    the inputs exactly as given (already rounded to the kernel's input type).
+
+    Returns out [b, s_q, h_q, head_dim_v] float64 and lse [b, h_q, s_q] float64 (natural log); a row
+    that sees no key has out 0 and lse -inf."""
+    terms = paged_decode_terms(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+    return terms.out, terms.lse

@@ -1,0 +1,191 @@
+"""Run one decode case against an implementation and judge it: the checks behind every property.
+
+A check either returns the observed/bound ratios or raises `CaseFailure` carrying a `Finding`:
+the failure kind, a message with observed vs expected, and the case.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mla_verify.cases import DecodeInputs, build_inputs
+from mla_verify.contract import Capabilities
+from mla_verify.error_bounds import decode_bounds
+from mla_verify.reference import paged_decode_terms
+from mla_verify.strategies import DecodeCase
+
+__all__ = ["FailureKind", "Finding", "CaseFailure", "Implementation", "Expected", "Observed",
+           "call_kernel", "expected_for", "compare", "check_case"]
+
+
+class FailureKind(str, enum.Enum):
+    WRONG_VALUES = "wrong values"
+    WRONG_LSE = "wrong lse"
+    NONFINITE = "NaN/inf where a finite value is due"
+    WRONG_SHAPE = "wrong shape or dtype"
+    EXCEPTION = "exception raised"
+    INPUT_MODIFIED = "input modified"
+    OUT_OF_BOUNDS_WRITE = "out-of-bounds write"
+    NONDETERMINISM = "nondeterminism"
+    LAYOUT_DEPENDENCE = "result depends on physical page order"
+    CROSS_ROW_DEPENDENCE = "result depends on other batch rows"
+    CRASH = "process crashed"
+
+
+@dataclass
+class Finding:
+    kind: FailureKind
+    message: str
+    ratio: float = math.inf
+
+
+class CaseFailure(AssertionError):
+    def __init__(self, finding: Finding, case: DecodeCase) -> None:
+        super().__init__(f"{finding.kind.value}: {finding.message}\n  case: {case.describe()}")
+        self.finding = finding
+        self.case = case
+
+
+@dataclass
+class Implementation:
+    """A decode kernel and what it claims; `spec` is how to import it ('module:attr') or a name."""
+
+    name: str
+    spec: str
+    fn: Callable
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+
+@dataclass
+class Observed:
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+@dataclass
+class Expected:
+    """float64 reference and per-element bounds; has_key [b, s_q, h] marks rows that see a key."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    out_bound: torch.Tensor
+    lse_bound: torch.Tensor
+    has_key: torch.Tensor
+
+
+def _fail(kind: FailureKind, message: str, case: DecodeCase, ratio: float = math.inf) -> CaseFailure:
+    return CaseFailure(Finding(kind, message, ratio), case)
+
+
+def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
+    """Call the kernel on the case's inputs; check output types and the inputs' integrity."""
+    case = inputs.case
+    before = inputs.snapshot()
+    try:
+        result = impl.fn(*inputs.arguments, causal=case.causal)
+        if case.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    except Exception as error:  # the kernel's own failure is the finding
+        raise _fail(FailureKind.EXCEPTION, f"{type(error).__name__}: {error}".strip(), case) from error
+    modified, out_of_bounds = inputs.integrity(before)
+    if out_of_bounds:
+        raise _fail(FailureKind.OUT_OF_BOUNDS_WRITE, f"canary memory around {', '.join(out_of_bounds)} "
+                    "was overwritten", case)
+    if modified:
+        raise _fail(FailureKind.INPUT_MODIFIED, f"{', '.join(modified)} changed during the call", case)
+    if not (isinstance(result, (tuple, list)) and len(result) == 2
+            and all(isinstance(t, torch.Tensor) for t in result)):
+        raise _fail(FailureKind.WRONG_SHAPE, f"expected a tuple (out, lse) of tensors, got {type(result).__name__}",
+                    case)
+    out, lse = result
+    want_out = (case.batch, case.s_q, case.heads, case.head_dim_v)
+    want_lse = (case.batch, case.heads, case.s_q)
+    problems = []
+    if tuple(out.shape) != want_out or out.dtype != case.torch_dtype:
+        problems.append(f"out: expected {list(want_out)} {case.dtype}, got {list(out.shape)} "
+                        f"{str(out.dtype).removeprefix('torch.')}")
+    if tuple(lse.shape) != want_lse or lse.dtype != torch.float32:
+        problems.append(f"lse: expected {list(want_lse)} float32, got {list(lse.shape)} "
+                        f"{str(lse.dtype).removeprefix('torch.')}")
+    if out.device != inputs.q.device or lse.device != inputs.q.device:
+        problems.append(f"outputs on {out.device}/{lse.device}, inputs on {inputs.q.device}")
+    if problems:
+        raise _fail(FailureKind.WRONG_SHAPE, "; ".join(problems), case)
+    return Observed(out=out, lse=lse)
+
+
+def expected_for(inputs: DecodeInputs, capabilities: Capabilities) -> Expected:
+    case = inputs.case
+    terms = paged_decode_terms(*inputs.arguments, causal=case.causal)
+    bounds = decode_bounds(terms, inputs.q, case.softmax_scale, case.head_dim_v, case.torch_dtype,
+                           capabilities.accumulation_for(case.torch_dtype), case.torch_dtype)
+    has_key = terms.visible.expand_as(terms.scores).any(-1)
+    return Expected(out=terms.out, lse=terms.lse, out_bound=bounds.out, lse_bound=bounds.lse, has_key=has_key)
+
+
+def _worst(error: torch.Tensor, bound: torch.Tensor) -> tuple[float, tuple[int, ...]]:
+    ratio = torch.where(bound > 0, error / bound, torch.where(error > 0, math.inf, 0.0))
+    if ratio.numel() == 0:
+        return 0.0, ()
+    flat = int(torch.argmax(torch.nan_to_num(ratio, nan=math.inf)))
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ratio.shape))
+    return float(ratio[index]), index
+
+
+def compare(observed: Observed, expected: Expected, capabilities: Capabilities,
+            case: DecodeCase) -> tuple[float, float]:
+    """(max out error/bound, max lse error/bound); raises CaseFailure on any violation."""
+    out = observed.out.to(torch.float64).cpu()
+    lse = observed.lse.to(torch.float64).cpu()
+    if capabilities.lse_base == "2":
+        lse = lse * math.log(2)
+    ref_out, ref_lse = expected.out.cpu(), expected.lse.cpu()
+    has_key = expected.has_key.cpu()  # [b, s, h]
+    has_key_lse = has_key.permute(0, 2, 1)
+
+    bad_out = has_key[..., None] & ~torch.isfinite(out)
+    bad_lse = has_key_lse & ~torch.isfinite(lse)
+    if bad_out.any() or bad_lse.any():
+        where = torch.nonzero(bad_out)[0].tolist() if bad_out.any() else torch.nonzero(bad_lse)[0].tolist()
+        raise _fail(FailureKind.NONFINITE, f"{int(bad_out.sum())} out and {int(bad_lse.sum())} lse elements "
+                    f"are not finite in rows that see keys; first at {'out' if bad_out.any() else 'lse'}"
+                    f"{where}", case)
+    empty = ~has_key
+    if empty.any():
+        nonzero = empty[..., None] & (out != 0)
+        if nonzero.any():
+            index = torch.nonzero(nonzero)[0].tolist()
+            raise _fail(FailureKind.WRONG_VALUES, f"a row that sees no key must give out 0; out{index} = "
+                        f"{out[tuple(index)].item()!r}", case)
+        convention = capabilities.empty_row_lse
+        wrong = empty.permute(0, 2, 1) & (lse != convention)
+        if wrong.any():
+            index = torch.nonzero(wrong)[0].tolist()
+            raise _fail(FailureKind.WRONG_LSE, f"a row that sees no key must give lse {convention}; lse{index} = "
+                        f"{lse[tuple(index)].item()!r}", case)
+
+    out_error = torch.where(has_key[..., None], (out - ref_out).abs(), torch.zeros_like(out))
+    lse_error = torch.where(has_key_lse, (lse - ref_lse).abs(), torch.zeros_like(lse))
+    out_ratio, out_at = _worst(out_error, expected.out_bound.cpu())
+    lse_ratio, lse_at = _worst(lse_error, expected.lse_bound.cpu())
+    if lse_ratio > 1:
+        raise _fail(FailureKind.WRONG_LSE, f"|lse - ref| / bound = {lse_ratio:.3g} at [b, h, s_q] = "
+                    f"{list(lse_at)}: lse {lse[lse_at].item():.9g}, ref {ref_lse[lse_at].item():.9g}, "
+                    f"bound {expected.lse_bound.cpu()[lse_at].item():.3g}", case, lse_ratio)
+    if out_ratio > 1:
+        raise _fail(FailureKind.WRONG_VALUES, f"|out - ref| / bound = {out_ratio:.3g} at [b, s_q, h, c] = "
+                    f"{list(out_at)}: out {out[out_at].item():.9g}, ref {ref_out[out_at].item():.9g}, "
+                    f"bound {expected.out_bound.cpu()[out_at].item():.3g}", case, out_ratio)
+    return out_ratio, lse_ratio
+
+
+def check_case(impl: Implementation, case: DecodeCase) -> tuple[float, float]:
+    """Build the case, run the kernel, compare with the float64 reference within the derived bound."""
+    inputs = build_inputs(case)
+    observed = call_kernel(impl, inputs)
+    return compare(observed, expected_for(inputs, impl.capabilities), impl.capabilities, case)

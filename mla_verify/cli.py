@@ -1,0 +1,157 @@
+"""mla-verify: certify, replay, list, cache-table.
+
+Exit codes: 0 success; 1 a property failed (certify) or a counterexample still fails (replay);
+2 a usage error (an implementation that cannot be resolved, an unknown profile, a bad path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _json_safe(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    from mla_verify.certify import certify
+    from mla_verify.registry import ImplementationError, resolve
+
+    try:
+        impl = resolve(args.impl)
+    except ImplementationError as error:
+        _stderr(f"mla-verify: {error}")
+        return 2
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _stderr("mla-verify: --device cuda was asked for but torch sees no CUDA device")
+            return 2
+    _stderr(f"certifying {impl.name} ({impl.spec}) on {args.device}, profile {args.profile}")
+    certificate = certify(impl, profile=args.profile, device=args.device, max_examples=args.max_examples,
+                          seed=args.seed, counterexamples=args.counterexamples, isolate=args.isolate,
+                          progress=_stderr)
+    data = _json_safe(certificate.to_dict())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(certificate.to_markdown())
+    for report in certificate.properties:
+        line = f"{report.verdict.upper():4}  {report.name}: {report.examples} examples, max error/bound " \
+               f"{report.max_ratio:.3g}"
+        if report.failure:
+            line += f"\n      {report.failure['kind']}: {report.failure['message']}"
+            line += f"\n      minimal case: {_describe(report.failure['case'])}"
+        if report.counterexample:
+            line += f"\n      counterexample: {report.counterexample}  (mla-verify replay {report.counterexample})"
+        print(line)
+    print(f"verdict: {certificate.verdict.upper()} ({certificate.elapsed_s:.1f} s)")
+    return 0 if certificate.verdict == "pass" else 1
+
+
+def _describe(case: dict) -> str:
+    from mla_verify.strategies import DecodeCase
+
+    return DecodeCase.from_dict(case).describe()
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from mla_verify.counterexample import load_counterexample, replay
+    from mla_verify.registry import ImplementationError, resolve
+
+    path = Path(args.path)
+    if not (path / "case.json").exists() and not (path.name == "case.json" and path.exists()):
+        _stderr(f"mla-verify: {path} is not a counterexample folder (expected case.json inside)")
+        return 2
+    meta = load_counterexample(path)
+    try:
+        impl = resolve(args.impl or meta["implementation"])
+    except ImplementationError as error:
+        _stderr(f"mla-verify: {error}")
+        return 2
+    print(f"replaying {meta['property']} on {impl.name}: {meta['case'].describe()}")
+    print(f"recorded: {meta['kind']}: {meta['message']}")
+    failure = replay(path, impl)
+    if failure is None:
+        print("passes now")
+        return 0
+    print(f"still fails: {failure.finding.kind.value}: {failure.finding.message}")
+    return 1
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from mla_verify.registry import DEFAULT_IMPLEMENTATION, registered
+
+    for name, spec in sorted(registered().items()):
+        marker = "  (default)" if name == DEFAULT_IMPLEMENTATION else ""
+        print(f"{name:12} {spec}{marker}")
+    return 0
+
+
+def _cmd_cache_table(args: argparse.Namespace) -> int:
+    from mla_verify.cache_sizes import cache_table, format_cache_table
+
+    table = cache_table()
+    print(json.dumps(table, indent=2) if args.json else format_cache_table(table))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mla-verify", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    certify = commands.add_parser("certify", help="certify a decode kernel against the float64 reference")
+    certify.add_argument("impl", nargs="?", help="registered name or package.module:attr "
+                         "(default: $MLA_VERIFY_IMPL, else the project's own 'torch')")
+    certify.add_argument("--profile", choices=("quick", "default", "thorough"), default="default")
+    certify.add_argument("--max-examples", type=int, help="examples per property (overrides the profile)")
+    certify.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    certify.add_argument("--seed", type=int, help="Hypothesis seed (recorded in the certificate)")
+    certify.add_argument("--json", help="write the JSON certificate here")
+    certify.add_argument("--markdown", help="write the Markdown certificate here")
+    certify.add_argument("--counterexamples", default="counterexamples",
+                         help="folder for counterexample artifacts (default: ./counterexamples)")
+    certify.add_argument("--isolate", action="store_true",
+                         help="run each case in a child process (reports segfaults and CUDA faults)")
+    certify.set_defaults(run=_cmd_certify)
+
+    replay = commands.add_parser("replay", help="rerun a saved counterexample; exit 1 while it fails")
+    replay.add_argument("path")
+    replay.add_argument("--impl", help="replay against another implementation than the recorded one")
+    replay.set_defaults(run=_cmd_replay)
+
+    listing = commands.add_parser("list", help="list registered implementations")
+    listing.set_defaults(run=_cmd_list)
+
+    table = commands.add_parser("cache-table", help="KV-cache bytes per token for the presets")
+    table.add_argument("--json", action="store_true", help="the same data as JSON")
+    table.set_defaults(run=_cmd_cache_table)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

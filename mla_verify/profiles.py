@@ -1,0 +1,49 @@
+"""Hypothesis profiles: quick (CI), default, thorough; and the case-size limits each one allows.
+
+Built on Hypothesis's own 'ci' profile when the CI environment variable is set (derandomised, no
+example database); otherwise the example database is on, so a failure is replayed first next time.
+No deadline anywhere: a kernel's first call compiles.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, Phase, settings
+
+from mla_verify.strategies import CaseLimits
+
+__all__ = ["Profile", "PROFILES", "register_profiles", "hypothesis_settings"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    max_examples: int
+    limits: CaseLimits
+    # steer the search toward the largest observed/bound ratio (Hypothesis `target`)
+    targeted: bool = False
+
+
+PROFILES = {
+    "quick": Profile("quick", 25, CaseLimits(max_len=300, max_batch=3, max_s_q=3, max_work=10_000_000)),
+    "default": Profile("default", 100, CaseLimits(max_len=600, max_batch=4, max_s_q=4, max_work=40_000_000)),
+    "thorough": Profile("thorough", 1000, CaseLimits(max_len=8192, max_batch=8, max_s_q=8, max_work=600_000_000),
+                        targeted=True),
+}
+
+
+def hypothesis_settings(profile: Profile, max_examples: int | None = None) -> settings:
+    parent = settings.get_profile("ci") if os.environ.get("CI") else settings.default
+    phases = tuple(Phase) if profile.targeted else tuple(p for p in Phase if p != Phase.target)
+    return settings(parent, max_examples=max_examples or profile.max_examples, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture],
+                    report_multiple_bugs=False, phases=phases, print_blob=True)
+
+
+def register_profiles() -> None:
+    """Register the profiles with Hypothesis under their names, for `--hypothesis-profile`."""
+    for profile in PROFILES.values():
+        settings.register_profile(profile.name, hypothesis_settings(profile))

@@ -1,0 +1,132 @@
+"""Hypothesis strategies: draw a small decode-case description, never tensors.
+
+A `DecodeCase` is plain data (JSON-serialisable); `mla_verify.cases.build_inputs` turns it into
+tensors with explicit generators. Shrinking therefore works on the description: every choice lists
+its simplest option first (batch 1, one head, the first declared dtype, unit-scale values, pages in
+order), so a failure shrinks to a case a person can read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from mla_verify.contract import Capabilities
+
+__all__ = ["REGIMES", "DecodeCase", "CaseLimits", "decode_cases", "dtype_name"]
+
+REGIMES = ("unit", "tiny", "large", "constant_keys", "extreme_positive", "extreme_negative")
+SPECIAL_HEADS = (1, 3, 9, 16, 63, 64, 65, 126, 128)
+DEFAULT_PAGES = (16, 64, 1, 4, 7, 128)
+# (d, head_dim_v): small widths for speed, the real 576/512, and MiniCPM3's 288/256.
+DEFAULT_WIDTHS = ((40, 32), (80, 64), (576, 512), (24, 8), (288, 256))
+SCALES = ("inverse_sqrt_d", "deepseek_v3", "one")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    """Everything needed to rebuild one decode call's inputs."""
+
+    dtype: str
+    batch: int
+    s_q: int
+    heads: int
+    d: int
+    head_dim_v: int
+    page_size: int
+    lengths: tuple[int, ...]
+    causal: bool
+    regime: str
+    scale: str
+    permute_pages: bool
+    strided_cache: bool
+    extra_blocks: int
+    seed: int
+    layout_seed: int
+    device: str = "cpu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def softmax_scale(self) -> float:
+        return {"inverse_sqrt_d": self.d ** -0.5, "deepseek_v3": 192 ** -0.5 * (1 + 0.1 * math.log(40)) ** 2,
+                "one": 1.0}[self.scale]
+
+    @property
+    def work(self) -> int:
+        return self.batch * self.s_q * self.heads * self.d * max(self.lengths, default=0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DecodeCase:
+        return cls(**{**data, "lengths": tuple(data["lengths"])})
+
+    def replace(self, **changes: object) -> DecodeCase:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        return (f"{self.dtype} b={self.batch} s_q={self.s_q} h={self.heads} d={self.d}/{self.head_dim_v} "
+                f"page={self.page_size} lengths={list(self.lengths)} causal={self.causal} "
+                f"regime={self.regime} scale={self.scale} permuted={self.permute_pages} "
+                f"strided={self.strided_cache} seed={self.seed}")
+
+
+@dataclass(frozen=True)
+class CaseLimits:
+    """Size caps set by the profile: the longest sequence, the largest batch, and the work
+    b·s_q·h·d·L allowed in one case (keeps the float64 reference fast on a CPU)."""
+
+    max_len: int = 600
+    max_batch: int = 4
+    max_s_q: int = 4
+    max_work: int = 40_000_000
+
+
+def _lengths(page_size: int, max_len: int) -> st.SearchStrategy[int]:
+    special = [n for n in (1, 0, page_size - 1, page_size, page_size + 1, 2 * page_size,
+                           3 * page_size - 1, 4 * page_size + 1) if 0 <= n <= max_len]
+    return st.one_of(st.sampled_from(special), st.integers(0, max_len))
+
+
+@st.composite
+def decode_cases(draw: st.DrawFn, capabilities: Capabilities, limits: CaseLimits = CaseLimits(),
+                 device: str = "cpu", min_batch: int = 1) -> DecodeCase:
+    """A decode case the implementation claims to support, within the profile's limits."""
+    dtype = draw(st.sampled_from([dtype_name(t) for t in capabilities.dtypes]), label="dtype")
+    widths = capabilities.head_dims or DEFAULT_WIDTHS
+    d, head_dim_v = draw(st.sampled_from(widths), label="widths")
+    if capabilities.head_counts is not None:
+        heads = draw(st.sampled_from(capabilities.head_counts), label="heads")
+    else:
+        special = [h for h in SPECIAL_HEADS if h <= capabilities.max_heads]
+        heads = draw(st.one_of(st.sampled_from(special), st.integers(1, capabilities.max_heads)), label="heads")
+    pages = capabilities.page_sizes or DEFAULT_PAGES
+    page_size = draw(st.sampled_from(pages), label="page_size")
+    batch = draw(st.integers(min_batch, max(limits.max_batch, min_batch)), label="batch")
+    s_q = draw(st.integers(1, min(capabilities.max_s_q, limits.max_s_q)), label="s_q")
+    causal = draw(st.booleans(), label="causal") if capabilities.causal else False
+    max_len = min(limits.max_len, max(limits.max_work // (batch * s_q * heads * d), page_size + 1))
+    lengths = tuple(draw(st.lists(_lengths(page_size, max_len), min_size=batch, max_size=batch), label="lengths"))
+    regime = draw(st.sampled_from(REGIMES), label="regime")
+    scale = draw(st.sampled_from(SCALES), label="scale")
+    permute_pages = draw(st.booleans(), label="permute_pages")
+    strided = draw(st.booleans(), label="strided_cache") if capabilities.strided_cache else False
+    extra_blocks = draw(st.integers(0, 3), label="extra_blocks")
+    seed = draw(st.integers(0, 2**31 - 1), label="seed")
+    layout_seed = draw(st.integers(0, 2**31 - 1), label="layout_seed")
+    return DecodeCase(dtype=dtype, batch=batch, s_q=s_q, heads=heads, d=d, head_dim_v=head_dim_v,
+                      page_size=page_size, lengths=lengths, causal=causal, regime=regime, scale=scale,
+                      permute_pages=permute_pages, strided_cache=strided, extra_blocks=extra_blocks,
+                      seed=seed, layout_seed=layout_seed, device=device)
