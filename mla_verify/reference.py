@@ -18,18 +18,20 @@ wkv_a [d_c+d_r, D]; kv_norm [d_c]; wkv_b [h·(d_n+d_v), d_c]; wo [D, h·d_v].
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from mla_verify.config import MLAConfig, yarn_mscale
+from mla_verify.config import GQAConfig, MLAConfig, yarn_mscale
 from mla_verify.contract import validate_decode_inputs
 
 __all__ = [
     "MLAWeights",
     "LatentCache",
     "ExpandedCache",
+    "GQACache",
+    "allocate_paged_latent_cache",
     "random_weights",
     "rms_norm",
     "rope_inv_freq",
@@ -121,11 +123,10 @@ def rope_cos_sin(config: MLAConfig, positions: torch.Tensor) -> tuple[torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rotate x [..., s, (heads,) d_r] at its positions: pairs (x_2j, x_2j+1) for 'interleaved',
-    (x_j, x_j+d_r/2) for 'halves'. cos/sin are [s, d_r/2]; x's position axis is -2 or -3."""
+    """Rotate x [..., d_r]: pairs (x_2j, x_2j+1) for 'interleaved', (x_j, x_j+d_r/2) for 'halves'.
+    cos/sin [..., d_r/2] must broadcast against x[..., :d_r/2]; the caller aligns the position
+    axis (a shape-guessing broadcast once rotated heads instead of positions when h == s)."""
     x = x.to(F64)
-    if x.dim() >= 3 and x.shape[-2] != cos.shape[0]:  # [..., s, h, d_r]: broadcast over heads
-        cos, sin = cos[:, None, :], sin[:, None, :]
     if layout == "interleaved":
         even, odd = x[..., 0::2], x[..., 1::2]
         return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
@@ -187,6 +188,30 @@ class ExpandedCache:
 
 
 @dataclass
+class GQACache:
+    """A grouped-query attention model's cache, for size comparisons: k and v [b, T, g, d_h]
+    (MHA: g = h; MQA: g = 1)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: GQAConfig, batch: int, max_len: int, dtype: torch.dtype = F64) -> GQACache:
+        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(k=torch.zeros(shape, dtype=dtype), v=torch.zeros(shape, dtype=dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def allocate_paged_latent_cache(config: MLAConfig, num_blocks: int, page_size: int,
+                                dtype: torch.dtype = F64) -> torch.Tensor:
+    """The decode contract's paged latent cache [num_blocks, page_size, 1, d_c + d_r]."""
+    return torch.zeros(num_blocks, page_size, 1, config.latent_width, dtype=dtype)
+
+
+@dataclass
 class _Projections:
     q_nope: torch.Tensor  # [b, s, h, d_n]
     q_pe: torch.Tensor  # [b, s, h, d_r], rotated
@@ -194,7 +219,6 @@ class _Projections:
     k_pe: torch.Tensor  # [b, s, d_r], rotated
     w_uk: torch.Tensor  # [h, d_n, d_c]
     w_uv: torch.Tensor  # [h, d_v, d_c]
-    extra: dict = field(default_factory=dict)
 
 
 def _project(config: MLAConfig, weights: MLAWeights, x: torch.Tensor, start_pos: int) -> _Projections:
@@ -212,9 +236,9 @@ def _project(config: MLAConfig, weights: MLAWeights, x: torch.Tensor, start_pos:
     wkv_b = weights.wkv_b.to(F64).view(h, dn + dv, dc)
     return _Projections(
         q_nope=q[..., :dn],
-        q_pe=apply_rope(q[..., dn:], cos, sin, config.rope_layout),
+        q_pe=apply_rope(q[..., dn:], cos[:, None, :], sin[:, None, :], config.rope_layout),  # [b, s, h, r]
         latent=rms_norm(kv[..., :dc], weights.kv_norm, config.rms_norm_eps),
-        k_pe=apply_rope(kv[..., dc:], cos, sin, config.rope_layout),
+        k_pe=apply_rope(kv[..., dc:], cos, sin, config.rope_layout),  # [b, s, r]
         w_uk=wkv_b[:, :dn],
         w_uv=wkv_b[:, dn:],
     )

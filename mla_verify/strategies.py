@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
+from mla_verify.config import MLAConfig, YarnConfig
 from mla_verify.contract import Capabilities
 
-__all__ = ["REGIMES", "DecodeCase", "CaseLimits", "decode_cases", "dtype_name"]
+__all__ = ["REGIMES", "DecodeCase", "CaseLimits", "decode_cases", "dtype_name", "case_supported", "mla_configs"]
 
 REGIMES = ("unit", "tiny", "large", "constant_keys", "extreme_positive", "extreme_negative")
 SPECIAL_HEADS = (1, 3, 9, 16, 63, 64, 65, 126, 128)
@@ -130,3 +131,35 @@ def decode_cases(draw: st.DrawFn, capabilities: Capabilities, limits: CaseLimits
                       page_size=page_size, lengths=lengths, causal=causal, regime=regime, scale=scale,
                       permute_pages=permute_pages, strided_cache=strided, extra_blocks=extra_blocks,
                       seed=seed, layout_seed=layout_seed, device=device)
+
+
+def case_supported(capabilities: Capabilities, case: DecodeCase) -> bool:
+    """Whether `case` lies within what the implementation declares (pinned examples use this)."""
+    return (case.torch_dtype in capabilities.dtypes and capabilities.supports_heads(case.heads)
+            and capabilities.supports_page(case.page_size) and capabilities.supports_dims(case.d, case.head_dim_v)
+            and case.s_q <= capabilities.max_s_q and (capabilities.causal or not case.causal)
+            and (capabilities.strided_cache or not case.strided_cache)
+            and any(case.device.split(":")[0] == device for device in capabilities.devices))
+
+
+@st.composite
+def mla_configs(draw: st.DrawFn, max_heads: int = 4, max_width: int = 16) -> MLAConfig:
+    """Small MLA layer configs beyond the presets: q-LoRA on and off, both RoPE layouts, YaRN on
+    and off, every width independent."""
+    width = st.integers(1, max_width)
+    yarn = draw(st.one_of(st.none(), st.builds(
+        YarnConfig, factor=st.sampled_from([4.0, 40.0, 1.5]), original_max_position_embeddings=st.sampled_from([16, 64]),
+        mscale=st.sampled_from([1.0, 0.707]), mscale_all_dim=st.sampled_from([1.0, 0.707, 0.0]))), label="yarn")
+    return MLAConfig(
+        name="drawn",
+        hidden_size=draw(st.integers(2, 24), label="hidden_size"),
+        num_heads=draw(st.integers(1, max_heads), label="num_heads"),
+        q_lora_rank=draw(st.one_of(st.none(), width), label="q_lora_rank"),
+        kv_lora_rank=draw(width, label="kv_lora_rank"),
+        qk_nope_head_dim=draw(width, label="qk_nope_head_dim"),
+        qk_rope_head_dim=2 * draw(st.integers(1, max_width // 2), label="qk_rope_half"),
+        v_head_dim=draw(width, label="v_head_dim"),
+        rope_layout=draw(st.sampled_from(["interleaved", "halves"]), label="rope_layout"),
+        rope_theta=draw(st.sampled_from([10000.0, 50000.0, 100.0]), label="rope_theta"),
+        yarn=yarn,
+    )

@@ -1,0 +1,79 @@
+"""pytest plugin: choose the implementation and profile a `pytest properties` run certifies.
+
+Options: --mla-impl NAME|module:attr (default $MLA_VERIFY_IMPL, else 'torch'), --mla-profile
+quick|default|thorough (default: quick when CI is set, else default), --mla-device, and
+--mla-counterexamples DIR (where failing cases are saved as replayable artifacts). The report
+header names the implementation under test and the versions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import settings
+
+from mla_verify.profiles import PROFILES, Profile, register_profiles
+
+__all__ = ["Selection", "selection"]
+
+register_profiles()
+
+
+@dataclass(frozen=True)
+class Selection:
+    impl_name: str | None
+    profile: Profile
+    device: str
+    counterexamples: str
+
+    def implementation(self):
+        from mla_verify.registry import resolve
+
+        return resolve(self.impl_name)
+
+
+_selection: list[Selection] = []
+
+
+def selection() -> Selection:
+    """The run's choices; outside pytest, the defaults (environment variable, default profile)."""
+    if _selection:
+        return _selection[0]
+    return Selection(os.environ.get("MLA_VERIFY_IMPL"), PROFILES["quick" if os.environ.get("CI") else "default"],
+                     "cpu", "counterexamples")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mla_verify", "MLA kernel certification")
+    group.addoption("--mla-impl", default=None, help="decode kernel to certify: registered name or module:attr")
+    group.addoption("--mla-profile", default=None, choices=sorted(PROFILES),
+                    help="case sizes and example counts (default: quick under CI, else default)")
+    group.addoption("--mla-device", default="cpu", help="device the cases are built on (cpu, cuda)")
+    group.addoption("--mla-counterexamples", default="counterexamples", help="folder for counterexample artifacts")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    name = config.getoption("--mla-profile") or ("quick" if os.environ.get("CI") else "default")
+    if not config.getoption("--hypothesis-profile", default=None):
+        settings.load_profile(name)
+    _selection[:] = [Selection(config.getoption("--mla-impl") or os.environ.get("MLA_VERIFY_IMPL"), PROFILES[name],
+                               config.getoption("--mla-device"), config.getoption("--mla-counterexamples"))]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from mla_verify.registry import ImplementationError
+
+    chosen = selection()
+    try:
+        impl = chosen.implementation()
+        described = f"{impl.name} ({impl.spec})"
+    except ImplementationError as error:
+        described = f"unresolved: {error}"
+    import hypothesis
+    import torch
+
+    return [f"mla_verify: implementation {described}, profile {chosen.profile.name}, device {chosen.device}",
+            f"mla_verify: torch {torch.__version__}, hypothesis {hypothesis.__version__}"]
