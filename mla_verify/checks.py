@@ -157,6 +157,11 @@ def compare(observed: Observed, expected: Expected, capabilities: Capabilities,
                     f"{where}", case)
     empty = ~has_key
     if empty.any():
+        nonfinite = empty[..., None] & ~torch.isfinite(out)
+        if nonfinite.any():
+            index = torch.nonzero(nonfinite)[0].tolist()
+            raise _fail(FailureKind.NONFINITE, f"a row that sees no key must give out 0; out{index} = "
+                        f"{out[tuple(index)].item()!r}", case)
         nonzero = empty[..., None] & (out != 0)
         if nonzero.any():
             index = torch.nonzero(nonzero)[0].tolist()

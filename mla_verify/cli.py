@@ -47,7 +47,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     _stderr(f"certifying {impl.name} ({impl.spec}) on {args.device}, profile {args.profile}")
     certificate = certify(impl, profile=args.profile, device=args.device, max_examples=args.max_examples,
                           seed=args.seed, counterexamples=args.counterexamples, isolate=args.isolate,
-                          progress=_stderr)
+                          properties=args.property, progress=_stderr)
     data = _json_safe(certificate.to_dict())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +116,8 @@ def _cmd_cache_table(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from mla_verify.decode_properties import DECODE_PROPERTIES
+
     parser = argparse.ArgumentParser(prog="mla-verify", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -132,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="folder for counterexample artifacts (default: ./counterexamples)")
     certify.add_argument("--isolate", action="store_true",
                          help="run each case in a child process (reports segfaults and CUDA faults)")
+    certify.add_argument("--property", action="append", choices=[p.name for p in DECODE_PROPERTIES],
+                         help="run only this property (repeatable; default: all)")
     certify.set_defaults(run=_cmd_certify)
 
     replay = commands.add_parser("replay", help="rerun a saved counterexample; exit 1 while it fails")

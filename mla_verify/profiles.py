@@ -36,7 +36,9 @@ PROFILES = {
 
 def hypothesis_settings(profile: Profile, max_examples: int | None = None) -> settings:
     parent = settings.get_profile("ci") if os.environ.get("CI") else settings.default
-    phases = tuple(Phase) if profile.targeted else tuple(p for p in Phase if p != Phase.target)
+    # no explain phase: it reruns a shrunk failure ~100 times and its output is not used
+    skipped = {Phase.explain} if profile.targeted else {Phase.explain, Phase.target}
+    phases = tuple(p for p in Phase if p not in skipped)
     return settings(parent, max_examples=max_examples or profile.max_examples, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.function_scoped_fixture],

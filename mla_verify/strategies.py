@@ -18,10 +18,13 @@ from hypothesis import strategies as st
 from mla_verify.config import MLAConfig, YarnConfig
 from mla_verify.contract import Capabilities
 
-__all__ = ["REGIMES", "DecodeCase", "CaseLimits", "decode_cases", "dtype_name", "case_supported", "mla_configs"]
+__all__ = ["REGIMES", "DecodeCase", "CaseLimits", "decode_cases", "dtype_name", "case_supported", "mla_configs",
+           "pinned_cases"]
 
 REGIMES = ("unit", "tiny", "large", "constant_keys", "extreme_positive", "extreme_negative")
-SPECIAL_HEADS = (1, 3, 9, 16, 63, 64, 65, 126, 128)
+# the anchors' head counts, plus 17 (one past a 16-head group) and MiniCPM3's 40 / GLM's 20, so a
+# bug needing more than one head group shrinks to the first partial group
+SPECIAL_HEADS = (1, 3, 9, 16, 17, 20, 40, 63, 64, 65, 126, 128)
 DEFAULT_PAGES = (16, 64, 1, 4, 7, 128)
 # (d, head_dim_v): small widths for speed, the real 576/512, and MiniCPM3's 288/256.
 DEFAULT_WIDTHS = ((40, 32), (80, 64), (576, 512), (24, 8), (288, 256))
@@ -140,6 +143,24 @@ def case_supported(capabilities: Capabilities, case: DecodeCase) -> bool:
             and case.s_q <= capabilities.max_s_q and (capabilities.causal or not case.causal)
             and (capabilities.strided_cache or not case.strided_cache)
             and any(case.device.split(":")[0] == device for device in capabilities.devices))
+
+
+def pinned_cases(capabilities: Capabilities, device: str = "cpu", min_batch: int = 1) -> list[DecodeCase]:
+    """Regression cases every run tries first (Hypothesis explicit examples), adapted to what the
+    implementation declares: every row empty (the bound once crashed on an empty gather; kernels
+    return NaN there), and a full page followed by a NaN-poisoned slot with causal s_q = 2."""
+    dtype = dtype_name(capabilities.dtypes[0])
+    d, head_dim_v = (capabilities.head_dims or DEFAULT_WIDTHS)[0]
+    page = (capabilities.page_sizes or DEFAULT_PAGES)[0]
+    heads = capabilities.head_counts[0] if capabilities.head_counts else 1
+    base = DecodeCase(dtype=dtype, batch=max(2, min_batch), s_q=1, heads=heads, d=d, head_dim_v=head_dim_v,
+                      page_size=page, lengths=(0, 0), causal=False, regime="unit", scale="inverse_sqrt_d",
+                      permute_pages=False, strided_cache=False, extra_blocks=0, seed=0, layout_seed=0,
+                      device=device)
+    cases = [base]
+    if capabilities.causal and capabilities.max_s_q >= 2:
+        cases.append(base.replace(s_q=2, causal=True, lengths=(page, page + 1), permute_pages=True, extra_blocks=2))
+    return [c for c in cases if case_supported(capabilities, c)]
 
 
 @st.composite

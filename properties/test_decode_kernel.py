@@ -14,20 +14,13 @@ from mla_verify.checks import CaseFailure
 from mla_verify.counterexample import save_counterexample
 from mla_verify.decode_properties import DECODE_PROPERTIES
 from mla_verify.plugin import selection
-from mla_verify.strategies import DecodeCase, case_supported, decode_cases
+from mla_verify.strategies import case_supported, decode_cases, pinned_cases
 
 SELECTED = selection()
 IMPL = SELECTED.implementation()
 
 
-def _pinned(**fields) -> DecodeCase:
-    base = dict(dtype="float32", batch=1, s_q=1, heads=1, d=40, head_dim_v=32, page_size=16, lengths=(1,),
-                causal=False, regime="unit", scale="inverse_sqrt_d", permute_pages=False, strided_cache=False,
-                extra_blocks=0, seed=0, layout_seed=0, device=SELECTED.device)
-    return DecodeCase(**{**base, **fields})
-
-
-def _run(prop, case: DecodeCase) -> None:
+def _run(prop, case) -> None:
     if not case_supported(IMPL.capabilities, case):
         reject()
     try:
@@ -47,26 +40,38 @@ def _cases(prop):
 PROPERTIES = {prop.name: prop for prop in DECODE_PROPERTIES}
 
 
+def _pinned(prop_name: str):
+    """The shared regression cases (strategies.pinned_cases) as explicit examples."""
+    prop = PROPERTIES[prop_name]
+
+    def decorate(test):
+        for case in pinned_cases(IMPL.capabilities, SELECTED.device, prop.min_batch):
+            test = example(case=prop.prepare(case))(test)
+        return test
+
+    return decorate
+
+
 @given(case=_cases(PROPERTIES["matches_reference"]))
-# every length zero: the reference's bound once crashed on an empty gather
-@example(case=_pinned(batch=2, lengths=(0, 0)))
-# a NaN-poisoned slot right after a full page, with causal s_q > 1
-@example(case=_pinned(batch=2, s_q=2, causal=True, lengths=(16, 17), permute_pages=True, extra_blocks=2))
+@_pinned("matches_reference")
 def test_matches_reference(case):
     _run(PROPERTIES["matches_reference"], case)
 
 
 @given(case=_cases(PROPERTIES["page_order_invariant"]))
+@_pinned("page_order_invariant")
 def test_page_order_invariant(case):
     _run(PROPERTIES["page_order_invariant"], case)
 
 
 @given(case=_cases(PROPERTIES["rows_independent"]))
+@_pinned("rows_independent")
 def test_rows_independent(case):
     _run(PROPERTIES["rows_independent"], case)
 
 
 @given(case=_cases(PROPERTIES["deterministic"]))
+@_pinned("deterministic")
 def test_deterministic(case):
     _run(PROPERTIES["deterministic"], case)
 

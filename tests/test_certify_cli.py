@@ -1,0 +1,132 @@
+"""The certify / replay / list commands as a user meets them: a kernel written from a blank file,
+certified, its counterexample replayed, fixed, and certified again; and the usage errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mla_verify.cli import main
+
+BROKEN = textwrap.dedent('''
+    import torch
+
+    def decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False):
+        """Attention over the paged cache; the scale is squared by mistake (bug under test)."""
+        b, s_q, h, d = q.shape
+        page = kv_cache.shape[1]
+        out = torch.zeros(b, s_q, h, head_dim_v, dtype=q.dtype)
+        lse = torch.full((b, h, s_q), float("-inf"))
+        for i in range(b):
+            n = int(cache_seqlens[i])
+            if n == 0:
+                continue
+            blocks = block_table[i, : (n + page - 1) // page].long()
+            keys = kv_cache[blocks, :, 0].reshape(-1, d)[:n].float()
+            for j in range(s_q):
+                visible = n - s_q + j + 1 if causal else n
+                if visible <= 0:
+                    continue
+                scores = q[i, j].float() @ keys[:visible].T * SCALE(softmax_scale)
+                lse[i, :, j] = torch.logsumexp(scores, -1)
+                out[i, j] = (torch.softmax(scores, -1) @ keys[:visible, :head_dim_v]).to(q.dtype)
+        return out, lse
+''')
+
+
+def _cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(cwd), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "mla_verify.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _write_kernel(folder: Path, scale_expression: str) -> None:
+    (folder / "my_kernel.py").write_text(BROKEN.replace("SCALE(softmax_scale)", scale_expression))
+
+
+def test_broken_kernel_counterexample_replay_fix_certify(tmp_path):
+    _write_kernel(tmp_path, "softmax_scale * softmax_scale")
+    run = _cli("certify", "my_kernel:decode", "--profile", "quick", "--json", "cert.json", "--markdown", "cert.md",
+               cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    certificate = json.loads((tmp_path / "cert.json").read_text())
+    assert certificate["schema"] == "mla-verify-certificate/1" and certificate["verdict"] == "fail"
+    failed = [p for p in certificate["properties"] if p["verdict"] == "fail"]
+    assert failed and failed[0]["name"] == "matches_reference"
+    assert failed[0]["failure"]["kind"] in ("wrong lse", "wrong values")
+    minimal = failed[0]["failure"]["case"]
+    assert minimal["batch"] == 1 and minimal["heads"] == 1 and max(minimal["lengths"]) <= 1, minimal
+    artifact = Path(failed[0]["counterexample"])
+    artifact = artifact if artifact.is_absolute() else tmp_path / artifact
+    assert {"case.json", "inputs.pt", "repro.py"} <= {p.name for p in artifact.iterdir()}
+    assert "FAIL" in (tmp_path / "cert.md").read_text().upper()
+
+    standalone = subprocess.run([sys.executable, str(artifact / "repro.py")], cwd=tmp_path, capture_output=True,
+                                text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert standalone.returncode == 1 and "FAIL" in standalone.stderr + standalone.stdout
+    assert _cli("replay", str(artifact), cwd=tmp_path).returncode == 1
+
+    _write_kernel(tmp_path, "softmax_scale")
+    replayed = _cli("replay", str(artifact), cwd=tmp_path)
+    assert replayed.returncode == 0, replayed.stdout
+    standalone = subprocess.run([sys.executable, str(artifact / "repro.py")], cwd=tmp_path, capture_output=True,
+                                text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert standalone.returncode == 0, standalone.stdout + standalone.stderr
+    certified = _cli("certify", "my_kernel:decode", "--profile", "quick", "--json", "cert.json", cwd=tmp_path)
+    assert certified.returncode == 0, certified.stdout + certified.stderr
+    certificate = json.loads((tmp_path / "cert.json").read_text())
+    assert certificate["verdict"] == "pass"
+    matches = certificate["properties"][0]
+    assert matches["examples"] >= 25 and 0 < matches["max_ratio"] <= 1 and matches["worst_case"]
+    assert "float32" in matches["coverage"]["dtypes"]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("no_such_name", "neither a registered implementation"),
+    ("no_such_module_xyz:fn", "cannot import module"),
+    ("mla_verify.config:missing_attr", "has no attribute"),
+    ("mla_verify.config:MLA_PRESETS", "expected a callable decode kernel"),
+    ("mla_verify.config:mla_preset", "expected fn(q, kv_cache, block_table"),
+])
+def test_unusable_implementation_is_one_line_and_exit_2(spec, words, capsys):
+    assert main(["certify", spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_environment_variable_names_the_implementation(tmp_path):
+    run = _cli("certify", "--max-examples", "2", "--profile", "quick", cwd=tmp_path,
+               env_extra={"MLA_VERIFY_IMPL": "mla_verify.config:mla_preset"})
+    assert run.returncode == 2 and "mla_verify.config:mla_preset" in run.stderr
+
+
+def test_list_shows_the_own_implementation(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "mla_verify.impls.torch_decode:torch_paged_decode" in out
+
+
+def test_replay_of_a_folder_that_is_not_an_artifact_exits_2(tmp_path, capsys):
+    assert main(["replay", str(tmp_path)]) == 2
+    assert "not a counterexample folder" in capsys.readouterr().err
+
+
+CRASHING = textwrap.dedent('''
+    import ctypes
+
+    def decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False):
+        ctypes.string_at(0)  # a null read: segfault
+''')
+
+
+def test_isolated_mode_reports_a_segfault_as_a_counterexample(tmp_path):
+    (tmp_path / "crashing.py").write_text(CRASHING)
+    run = _cli("certify", "crashing:decode", "--isolate", "--max-examples", "3", "--property", "matches_reference",
+               "--json", "cert.json", cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    certificate = json.loads((tmp_path / "cert.json").read_text())
+    assert certificate["properties"][0]["failure"]["kind"] == "process crashed"

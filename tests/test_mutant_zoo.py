@@ -1,0 +1,182 @@
+"""The mutant zoo: every bug-injected decode kernel in tests/zoo must be caught by the certifier.
+
+For each kernel, the property expected to catch it runs under the DEFAULT profile with seed 0 and
+must fail with the expected failure kind, shrunk to a small case. The project's torch kernel (and
+the zoo's own template, `zoo.common.correct_decode`) must pass the same properties under the same
+profile and seed: a zoo without a passing control proves nothing.
+
+Reproducibility: the example database is switched off and torch runs one intra-op thread while
+this module runs (both restored afterwards), so the examples-to-catch are the same on every run.
+A summary table (kernel, kind, examples to the first failure, examples with shrinking, seconds)
+is printed at the end of the module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+from hypothesis import settings
+
+from mla_verify.certify import PropertyReport, run_property
+from mla_verify.checks import CaseFailure, FailureKind, Implementation
+from mla_verify.decode_properties import property_named
+from mla_verify.profiles import PROFILES
+from mla_verify.registry import resolve
+from mla_verify.strategies import DecodeCase
+
+import zoo
+
+PROFILE = PROFILES["default"]
+SEED = 0
+CONTROL_PROPERTIES = sorted({kernel.prop for kernel in zoo.ZOO})
+
+
+@dataclasses.dataclass
+class Run:
+    report: PropertyReport
+    first_failure_at: int | None  # examples drawn until the first failing one
+    seconds: float
+
+    @property
+    def case(self) -> DecodeCase:
+        return DecodeCase.from_dict(self.report.failure["case"])
+
+
+_runs: dict[str, Run] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reproducible(request):
+    """No example database (a stored failure would be replayed first and change the counts) and
+    one torch thread (on a 2-core machine two intra-op threads make these small cases ~3x slower)."""
+    previous = settings.get_current_profile_name()
+    settings.register_profile("mla-zoo", settings.get_profile(previous), database=None)
+    settings.load_profile("mla-zoo")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    settings.load_profile(previous)
+    torch.set_num_threads(threads)
+    _print_summary(request.config)
+
+
+def _run(impl: Implementation, prop_name: str) -> Run:
+    """run_property with the default profile and seed 0, counting the examples until the first failure."""
+    key = f"{impl.spec}/{prop_name}"
+    if key in _runs:
+        return _runs[key]
+    prop = property_named(prop_name)
+    drawn, first = [0], []
+
+    def counting(impl: Implementation, case: DecodeCase) -> float:
+        drawn[0] += 1
+        try:
+            return prop.check(impl, case)
+        except CaseFailure:
+            if not first:
+                first.append(drawn[0])
+            raise
+
+    started = time.perf_counter()
+    report = run_property(impl, dataclasses.replace(prop, check=counting), PROFILE, seed=SEED)
+    _runs[key] = Run(report, first[0] if first else None, time.perf_counter() - started)
+    return _runs[key]
+
+
+def _small(case: DecodeCase, max_heads: int) -> list[str]:
+    """What makes the shrunk case larger than a person should have to read."""
+    problems = []
+    if case.batch > 2:
+        problems.append(f"batch {case.batch} > 2")
+    if case.heads > max_heads:
+        problems.append(f"heads {case.heads} > {max_heads}")
+    if case.s_q > 2:
+        problems.append(f"s_q {case.s_q} > 2")
+    longest = max(2 * case.page_size + 1, 130)
+    if any(n > longest for n in case.lengths):
+        problems.append(f"lengths {list(case.lengths)} exceed {longest}")
+    return problems
+
+
+def test_zoo_is_large_and_documented():
+    assert len(zoo.ZOO) >= 14
+    assert len({kernel.name for kernel in zoo.ZOO}) == len(zoo.ZOO)
+    for kernel in zoo.ZOO:
+        assert kernel.fn.__doc__ and len(kernel.fn.__doc__.split()) > 15, f"{kernel.name}: docstring missing"
+        assert kernel.kinds and all(isinstance(kind, FailureKind) for kind in kernel.kinds)
+
+
+@pytest.mark.parametrize("kernel", zoo.ZOO, ids=lambda kernel: kernel.name)
+def test_mutant_is_caught(kernel):
+    run = _run(zoo.implementation(kernel.fn), kernel.prop)
+    report = run.report
+    assert report.verdict == "fail", (
+        f"{kernel.name} was NOT caught by {kernel.prop} in {report.examples} examples "
+        f"(max error/bound {report.max_ratio:.3g})")
+    kind = FailureKind(report.failure["kind"])
+    assert kind in kernel.kinds, (
+        f"{kernel.name} caught as {kind.name}, expected one of {sorted(k.name for k in kernel.kinds)}: "
+        f"{report.failure['message']}")
+    case = run.case
+    problems = _small(case, kernel.max_heads)
+    assert not problems, f"{kernel.name} shrank only to {case.describe()}: {'; '.join(problems)}"
+
+
+@pytest.mark.parametrize("kernel", [k for k in zoo.ZOO if k.benign is not None], ids=lambda kernel: kernel.name)
+def test_mutant_is_right_where_its_bug_does_not_reach(kernel):
+    """Each mutant is a targeted bug, not a broken kernel: on a case its bug does not touch it passes
+    (so the catch above is the bug, found by the search)."""
+    impl = zoo.implementation(kernel.fn)
+    case = DecodeCase(**{**zoo.BENIGN_CASE, **kernel.benign})
+    for name in {kernel.prop, "matches_reference"}:
+        property_named(name).check(impl, case)  # raises CaseFailure if wrong
+
+
+def test_head_tail_shrinks_to_the_first_partial_group():
+    """The head-tail bug needs only h = 17 (one head past a full group of 16); it once shrank only to
+    63, until 17 joined the special head counts."""
+    kernel = next(k for k in zoo.ZOO if k.fn is zoo.heads.head_tail_dropped)
+    run = _run(zoo.implementation(kernel.fn), kernel.prop)
+    assert run.report.verdict == "fail"
+    assert run.case.heads == 17, run.case.describe()
+
+
+@pytest.mark.parametrize("prop_name", CONTROL_PROPERTIES)
+@pytest.mark.parametrize("control", ["torch", "zoo_template"])
+def test_control_passes(control, prop_name):
+    impl = resolve("torch") if control == "torch" else zoo.implementation(zoo.correct_decode, "zoo_template")
+    report = _run(impl, prop_name).report
+    assert report.verdict == "pass", f"control {control} fails {prop_name}: {report.failure}"
+    assert report.examples >= PROFILE.max_examples
+
+
+def _print_summary(config) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or not _runs:
+        return
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            _write_summary(reporter)
+    else:
+        _write_summary(reporter)
+
+
+def _write_summary(reporter) -> None:
+    reporter.write_line("")
+    reporter.write_line(f"mutant zoo: profile {PROFILE.name}, seed {SEED}")
+    reporter.write_line(f"{'implementation/property':48} {'verdict':7} {'kind':36} {'1st fail':>8} "
+                        f"{'examples':>8} {'seconds':>7}  shrunk case (or max error/bound of a pass)")
+    total = 0.0
+    for key, run in _runs.items():
+        report = run.report
+        total += run.seconds
+        kind = report.failure["kind"] if report.failure else ""
+        case = run.case.describe() if report.failure else f"max error/bound {report.max_ratio:.3g}"
+        first = "" if run.first_failure_at is None else str(run.first_failure_at)
+        reporter.write_line(f"{key.split(':')[-1]:48} {report.verdict:7} {kind[:36]:36} {first:>8} "
+                            f"{report.examples:>8} {run.seconds:7.1f}  {case}")
+    reporter.write_line(f"total {total:.1f} s in run_property")

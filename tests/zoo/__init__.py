@@ -1,0 +1,93 @@
+"""A zoo of bug-injected MLA decode kernels, each modelled on a real public attention-kernel bug
+class, each in the decode contract's shape. tests/test_mutant_zoo.py checks that the certifier
+catches every one with the expected failure kind and shrinks it to a small case.
+
+Every kernel is written out from the building blocks of `common.correct_decode` (a correct
+kernel, certified as a control) with one step broken, on the line marked BUG, so the bug is
+visible at a glance; its docstring names the real-world bug it models. `benign` names a case the
+bug does not reach, on which the mutant must pass: each is a targeted bug, not a broken kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mla_verify.checks import FailureKind, Implementation
+from mla_verify.contract import capabilities_of
+
+from . import cross_row, determinism, heads, interface, lse, masking, paging, precision, scale, split_kv
+from .common import correct_decode
+
+__all__ = ["ZooKernel", "ZOO", "BENIGN_CASE", "implementation", "correct_decode"]
+
+K = FailureKind
+
+
+@dataclass(frozen=True)
+class ZooKernel:
+    """A mutant, the property expected to catch it, and the failure kinds that count as caught."""
+
+    fn: Callable
+    prop: str
+    kinds: frozenset
+    # changes to BENIGN_CASE under which the mutant is right (None: the bug shows on every case):
+    # evidence that each mutant is a targeted bug rather than a broken kernel
+    benign: dict | None = None
+    max_heads: int = 16  # the shrunk case needs no more heads (unless the bug is about heads)
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.fn.__name__)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.fn.__module__}:{self.fn.__name__}"
+
+
+def _zoo(fn: Callable, prop: str, *kinds: FailureKind, **extra) -> ZooKernel:
+    return ZooKernel(fn, prop, frozenset(kinds), **extra)
+
+
+# One float32 sequence of 5 tokens in one page of 16, one head, one query.
+BENIGN_CASE = dict(dtype="float32", batch=1, s_q=1, heads=1, d=40, head_dim_v=32, page_size=16, lengths=(5,),
+                   causal=False, regime="unit", scale="inverse_sqrt_d", permute_pages=False, strided_cache=False,
+                   extra_blocks=0, seed=0, layout_seed=0)
+
+M = "matches_reference"
+ZOO = (
+    _zoo(scale.scale_flashmla_default, M, K.WRONG_LSE, K.WRONG_VALUES, benign={}),
+    _zoo(scale.scale_off_by_half_percent, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"regime": "tiny"}),
+    _zoo(paging.last_full_page_dropped, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES, benign={}),
+    _zoo(paging.reads_one_slot_past_length, M, K.NONFINITE, K.EXCEPTION, benign={"lengths": (16,)}),
+    _zoo(paging.prefetches_unused_block, M, K.EXCEPTION),
+    _zoo(paging.nan_padding_leaks, M, K.NONFINITE, benign={"lengths": (32,)}),
+    _zoo(paging.assumes_contiguous_cache, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES, benign={}),
+    _zoo(paging.masks_with_batch_max_length, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES,
+         benign={"batch": 2, "lengths": (5, 5)}),
+    _zoo(masking.empty_row_gives_nan, M, K.NONFINITE, benign={"causal": True, "s_q": 2}),
+    _zoo(masking.empty_row_lse_plus_inf, M, K.WRONG_LSE, benign={"causal": True, "s_q": 2}),
+    _zoo(masking.causal_top_left, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"s_q": 2}),
+    _zoo(masking.causal_excludes_own_position, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES, benign={"s_q": 2}),
+    _zoo(lse.lse_base2, M, K.WRONG_LSE),
+    _zoo(lse.lse_through_bf16, M, K.WRONG_LSE),
+    _zoo(precision.pv_accumulated_in_fp16, M, K.WRONG_VALUES),
+    _zoo(precision.tf32_scores, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"dtype": "bfloat16"}),
+    _zoo(split_kv.merge_without_rescale, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"lengths": (1,)}),
+    _zoo(split_kv.empty_split_counted, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"lengths": (4,)}),
+    # needs h > 16: shrinks to 17 (see test_head_tail_shrinks_to_the_first_partial_group)
+    _zoo(heads.head_tail_dropped, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"heads": 32}, max_heads=17),
+    _zoo(interface.q_scaled_in_place, M, K.INPUT_MODIFIED, benign={"scale": "one"}),
+    _zoo(interface.out_in_float32, M, K.WRONG_SHAPE, benign={}),
+    _zoo(interface.v_from_wrong_columns, M, K.WRONG_VALUES),
+    _zoo(interface.scores_without_rope, M, K.WRONG_LSE, K.WRONG_VALUES),
+    _zoo(determinism.atomic_split_accumulation, "deterministic", K.NONDETERMINISM, benign={"lengths": (2,)}),
+    _zoo(cross_row.softmax_max_over_batch, "rows_independent", K.CROSS_ROW_DEPENDENCE,
+         benign={"batch": 2, "lengths": (5, 0)}),
+)
+
+
+def implementation(fn: Callable, name: str | None = None) -> Implementation:
+    """An Implementation for a zoo kernel (or the control), with its declared capabilities."""
+    return Implementation(name=name or fn.__name__, spec=f"{fn.__module__}:{fn.__name__}", fn=fn,
+                          capabilities=capabilities_of(fn))
