@@ -82,10 +82,19 @@ def _fail(kind: FailureKind, message: str, case: DecodeCase, ratio: float = math
     return CaseFailure(Finding(kind, message, ratio), case)
 
 
+def _poison_allocator(case: DecodeCase, device: torch.device) -> None:
+    """Fill and free memory of the outputs' size, so a kernel that returns torch.empty storage it
+    never wrote likely returns NaN rather than zeros that happen to pass."""
+    elements = case.batch * case.s_q * case.heads * (case.head_dim_v + 1)
+    for _ in range(2):
+        torch.full((elements,), math.nan, dtype=torch.float32, device=device)
+
+
 def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
     """Call the kernel on the case's inputs; check output types and the inputs' integrity."""
     case = inputs.case
     before = inputs.snapshot()
+    _poison_allocator(case, inputs.q.device)
     try:
         result = impl.fn(*inputs.arguments, causal=case.causal)
         if case.device.startswith("cuda"):

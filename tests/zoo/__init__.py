@@ -81,6 +81,7 @@ ZOO = (
     _zoo(interface.out_in_float32, M, K.WRONG_SHAPE, benign={}),
     _zoo(interface.v_from_wrong_columns, M, K.WRONG_VALUES),
     _zoo(interface.scores_without_rope, M, K.WRONG_LSE, K.WRONG_VALUES),
+    _zoo(interface.out_rows_left_unwritten, M, K.WRONG_VALUES, K.NONFINITE, benign={"heads": 16}),
     _zoo(determinism.atomic_split_accumulation, "deterministic", K.NONDETERMINISM, benign={"lengths": (2,)}),
     _zoo(cross_row.softmax_max_over_batch, "rows_independent", K.CROSS_ROW_DEPENDENCE,
          benign={"batch": 2, "lengths": (5, 0)}),

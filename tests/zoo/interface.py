@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from mla_verify.contract import validate_decode_inputs
 
 from .common import finish, gather, masked_softmax, pv, qk, visible_mask
@@ -52,3 +54,18 @@ def scores_without_rope(q, kv_cache, block_table, cache_seqlens, head_dim_v, sof
     scores = qk(q[..., :head_dim_v], keys[..., :head_dim_v]) * softmax_scale  # BUG: rope part dropped
     p, lse = masked_softmax(scores, visible)
     return finish(pv(p, keys[..., :head_dim_v]), lse, q)
+
+
+def out_rows_left_unwritten(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False):
+    """out allocated with torch.empty and written only by the programs of full 16-head groups: the
+    tail heads keep whatever the allocator returned (zeros, stale values or NaN). The certifier
+    poisons the allocator before each call so such memory is unlikely to look right."""
+    validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    keys, valid, positions = gather(kv_cache, block_table, cache_seqlens)
+    visible = visible_mask(valid, positions, cache_seqlens, q.shape[1], causal)
+    p, lse = masked_softmax(qk(q, keys) * softmax_scale, visible)
+    computed, lse = finish(pv(p, keys[..., :head_dim_v]), lse, q)
+    out = torch.empty_like(computed)
+    full_groups = q.shape[2] // 16 * 16
+    out[:, :, :full_groups] = computed[:, :, :full_groups]  # BUG: heads past the last full group never written
+    return out, lse
