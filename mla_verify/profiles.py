@@ -29,8 +29,10 @@ class Profile:
 PROFILES = {
     "quick": Profile("quick", 25, CaseLimits(max_len=300, max_batch=3, max_s_q=3, max_work=10_000_000)),
     "default": Profile("default", 100, CaseLimits(max_len=600, max_batch=4, max_s_q=4, max_work=40_000_000)),
-    "thorough": Profile("thorough", 1000, CaseLimits(max_len=8192, max_batch=8, max_s_q=8, max_work=600_000_000),
-                        targeted=True),
+    # serving scale, sized for a GPU: batches up to 128 and contexts up to 32k tokens, the work cap
+    # trading one against the other (b=128 × h=128 × d=576 still reaches ~200 tokens)
+    "thorough": Profile("thorough", 1000, CaseLimits(max_len=32768, max_batch=128, max_s_q=8,
+                                                     max_work=2_000_000_000), targeted=True),
 }
 
 
