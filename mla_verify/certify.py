@@ -254,7 +254,7 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
             raise
         if profile.targeted:
             target(ratio, label="error/bound")
-        if report.worst_case is None or ratio > report.max_ratio:
+        if ratio > report.max_ratio:  # exact properties (ratio 0) have no worst case
             report.max_ratio, report.worst_case = ratio, case.to_dict()
         if report.examples % 25 == 0:
             progress(f"  {prop.name}: {report.examples} examples, max error/bound {report.max_ratio:.3g}")
