@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Callable
 
 import hypothesis
+import hypothesis.errors
 import torch
-from hypothesis import example, given, target
+from hypothesis import Phase, example, given, settings, target
 from hypothesis import strategies as st
 
 import mla_verify
@@ -262,27 +263,45 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
     # one example-database key per (implementation, property, device): a failure stored for one
     # kernel must not be replayed first for another
     check._hypothesis_internal_add_digest = f"{impl.spec}|{prop.name}|{device}".encode()
-    test = given(strategy)(check)
-    for case in pinned_cases(impl.capabilities, device, prop.min_batch):
-        test = example(prop.prepare(case))(test)
-    test = hypothesis_settings(profile, max_examples)(test)
+    search = hypothesis_settings(profile, max_examples)(given(strategy)(check))
     if seed is not None:
-        test = hypothesis.seed(seed)(test)
+        search = hypothesis.seed(seed)(search)
+    # The pinned regression cases run after the search: Hypothesis never shrinks an explicit
+    # example, so trying them first would report them instead of the search's minimal case.
+    pinned = given(strategy)(check)
+    for case in pinned_cases(impl.capabilities, device, prop.min_batch):
+        pinned = example(prop.prepare(case))(pinned)
+    pinned = settings(hypothesis_settings(profile), phases=[Phase.explicit])(pinned)
+    flaky = False
     try:
-        test()
+        search()
+        pinned()
     except CaseFailure:
+        pass
+    except hypothesis.errors.Flaky:
+        # the same case failed differently (or not at all) on replay: nondeterministic output,
+        # e.g. unwritten memory; still a failure, reported as the last one seen
+        flaky = True
+    if last_failure:
         failure = last_failure[0]  # Hypothesis replays the shrunk example last
         report.verdict = "fail"
         report.failure = {"kind": failure.finding.kind.value, "message": failure.finding.message,
                           "case": failure.case.to_dict()}
+        if flaky:
+            report.failure["message"] += " (flaky: replaying this case did not fail the same way)"
         if counterexamples is not None:
             report.counterexample = str(save_counterexample(counterexamples, impl, prop.name, failure))
     return report
 
 
-def _versions() -> dict:
+def _versions(impl: Implementation) -> dict:
+    from mla_verify.registry import library_version
+
     versions = {"mla_verify": mla_verify.__version__, "torch": torch.__version__,
                 "hypothesis": hypothesis.__version__, "python": platform.python_version()}
+    library = library_version(impl.spec)
+    if library is not None:
+        versions[library[0]] = library[1]
     triton = sys.modules.get("triton")
     if triton is not None:
         versions["triton"] = getattr(triton, "__version__", "?")
@@ -328,7 +347,7 @@ def certify(impl: Implementation, profile: str = "default", device: str = "cpu",
         capabilities["accumulation_dtype"] = dtype_name(caps.accumulation_dtype)
     return Certificate(
         implementation={"name": impl.name, "spec": impl.spec, "capabilities": capabilities},
-        versions=_versions(), device=_device_info(device),
+        versions=_versions(impl), device=_device_info(device),
         settings={"profile": profile, "max_examples": max_examples or chosen.max_examples, "seed": seed,
                   "isolated": isolate, "properties": [p.name for p in selected], "limits": vars(chosen.limits)},
         properties=reports, not_covered=not_covered(impl, device), elapsed_s=time.perf_counter() - started)

@@ -35,6 +35,9 @@ def resolve(name: str | None = None) -> Implementation:
     name = name or os.environ.get(ENVIRONMENT_VARIABLE) or DEFAULT_IMPLEMENTATION
     names = registered()
     spec = names.get(name, name)
+    missing = _missing_library(name, spec)
+    if missing is not None:
+        raise ImplementationError(f"'{name}': {missing}")
     if ":" not in spec:
         raise ImplementationError(f"'{name}' is neither a registered implementation ({', '.join(sorted(names))}) "
                                   "nor 'package.module:attr'")
@@ -54,3 +57,30 @@ def resolve(name: str | None = None) -> Implementation:
     if problem:
         raise ImplementationError(f"'{name}': {problem}")
     return Implementation(name=name, spec=spec, fn=fn, capabilities=capabilities_of(fn))
+
+
+def _missing_library(name: str, spec: str) -> str | None:
+    """The one-line install hint when `name` is an adapter whose library is absent (checked before
+    the first call, so a missing library is a usage error rather than an exception per case)."""
+    from mla_verify.adapters import DECODE_ADAPTERS, missing_dependency
+
+    for adapter in DECODE_ADAPTERS.values():
+        if name == adapter.name or spec == adapter.target:
+            missing = missing_dependency(adapter.name)
+            return str(missing) if missing is not None else None
+    return None
+
+
+def library_version(impl_spec: str) -> tuple[str, str] | None:
+    """(package, version) of the third-party library behind an adapter, when installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mla_verify.adapters import DECODE_ADAPTERS
+
+    for adapter in DECODE_ADAPTERS.values():
+        if impl_spec == adapter.target:
+            try:
+                return adapter.package, version(adapter.package)
+            except PackageNotFoundError:
+                return adapter.package, "unknown (not installed as a distribution)"
+    return None

@@ -1,0 +1,277 @@
+"""HF transformers' DeepseekV3Attention / DeepseekV2Attention as layers of the layer contract.
+
+Written against transformers 5.x (5.24 here): modeling_deepseek_v3.py / modeling_deepseek_v2.py.
+What the adapter does, and what it maps:
+
+- Config: MLAConfig → DeepseekV3Config / DeepseekV2Config with num_key_value_heads equal to
+  num_attention_heads (the module repeats K/V by their ratio; MLA has one latent shared by all
+  heads, expanded per head), attention_bias off, rope_parameters {rope_type "default" | "yarn",
+  rope_theta, factor, original_max_position_embeddings, beta_fast, beta_slow, mscale,
+  mscale_all_dim, attention_factor} and, for V3, rope_interleave = (layout == "interleaved").
+  attention_factor (the cos/sin magnitude) is passed explicitly as DeepSeek defines it,
+  yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim): HF infers it the same
+  way only when both mscale and mscale_all_dim are non-zero, and falls back to
+  yarn_get_mscale(factor) otherwise (so mscale_all_dim = 0 with mscale ≠ 1 would differ).
+  The softmax scale is HF's own (qk_head_dim^-1/2 · mscale(factor, mscale_all_dim)²).
+- Weights (nn.Linear's [out, in] like ours): wq → q_proj, or wq_a/q_norm/wq_b → q_a_proj/
+  q_a_layernorm/q_b_proj; wkv_a → kv_a_proj_with_mqa; kv_norm → kv_a_layernorm; wkv_b → kv_b_proj;
+  wo → o_proj. DeepseekV2Attention rotates interleaved pairs only; a 'halves' config is loaded with
+  the rope rows of W_UQ (per head) and of W_DKV permuted (`interleave_halves`), which permutes q_pe
+  and k_pe alike and leaves every score unchanged.
+- Running: prefill starts a DynamicCache (which keeps the compressed latent and the rotated rope
+  key), decode appends to it; position_ids continue from the cache length; the mask comes from
+  HF's create_causal_mask (None where sdpa's is_causal suffices); the rotary embedding is HF's
+  (V3: cos/sin, V2: complex freqs_cis), called as DeepseekV3Model calls it.
+
+Declared internal precision (what HF actually computes in a float64 module):
+- DeepseekV3RMSNorm casts to float32; DeepseekV3RotaryEmbedding computes inv_freq, the angles and
+  cos/sin in float32; eager_attention_forward's softmax runs in float32. So "v3-eager" declares
+  RMSNorm, RoPE and softmax in float32 (observed ~1e-7 relative), "v3-sdpa" RMSNorm and RoPE
+  (torch's SDPA keeps float64).
+- "v3-sdpa-f64" swaps the two RMSNorms for float64 ones with the same weights and feeds cos/sin
+  computed in float64 (mla_verify.reference.rope_cos_sin, in HF's cat(freqs, freqs) layout): with
+  sdpa every step is then float64 (observed ~1e-15 relative). It certifies HF's projections, RoPE
+  application, cache, masking, scaling and attention, not its float32 norm and angle code.
+- DeepseekV2's apply_rotary_emb casts q_pe and k_pe to float32 for its complex product, whatever
+  the module dtype, so both V2 variants declare RoPE (and RMSNorm) in float32; eager adds the
+  softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from mla_verify.adapters import LAYER_ADAPTERS, load_module
+from mla_verify.config import MLAConfig, yarn_mscale
+from mla_verify.contract import MissingDependency
+from mla_verify.layer_contract import InternalPrecision
+from mla_verify.reference import MLAWeights, rope_cos_sin
+
+__all__ = ["HFDeepseekAttention", "hf_config_arguments", "interleave_halves", "hf_weights", "unsupported",
+           "deepseek_v3_eager", "deepseek_v3_sdpa", "deepseek_v3_sdpa_float64", "deepseek_v2_eager",
+           "deepseek_v2_sdpa", "VARIANTS"]
+
+F32, F64 = torch.float32, torch.float64
+_ADAPTER = LAYER_ADAPTERS["hf-deepseek-v3-eager"]
+_MODELING = {"v3": "transformers.models.deepseek_v3.modeling_deepseek_v3",
+             "v2": "transformers.models.deepseek_v2.modeling_deepseek_v2"}
+
+
+@functools.cache
+def _transformers() -> ModuleType:
+    transformers = load_module("transformers", _ADAPTER.library, _ADAPTER.install)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise MissingDependency(f"transformers>=5 (found {transformers.__version__})",
+                                "pip install -U 'transformers>=5'")
+    return transformers
+
+
+def _modeling(version: str) -> ModuleType:
+    _transformers()
+    return load_module(_MODELING[version], _ADAPTER.library, _ADAPTER.install)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mapping
+# ----------------------------------------------------------------------------------------------
+
+def hf_config_arguments(config: MLAConfig, version: str) -> dict:
+    """Keyword arguments of DeepseekV3Config ('v3') or DeepseekV2Config ('v2') for one layer."""
+    if version not in _MODELING:
+        raise ValueError(f"version must be 'v3' or 'v2'; got {version!r}")
+    rope: dict = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.yarn is not None:
+        y = config.yarn
+        rope = {"rope_type": "yarn", "rope_theta": config.rope_theta, "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings, "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow, "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim,
+                "attention_factor": yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)}
+    arguments = dict(
+        hidden_size=config.hidden_size, num_hidden_layers=1, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=config.v_head_dim, rms_norm_eps=config.rms_norm_eps, rope_parameters=rope,
+        max_position_embeddings=_max_positions(config), attention_bias=False, attention_dropout=0.0)
+    if version == "v3":
+        arguments["rope_interleave"] = config.rope_layout == "interleaved"
+    return arguments
+
+
+def _max_positions(config: MLAConfig) -> int:
+    """The context length YaRN extends to (HF warns when factor disagrees with it); 4096 without."""
+    if config.yarn is None:
+        return 4096
+    return max(1, round(config.yarn.original_max_position_embeddings * config.yarn.factor))
+
+
+def unsupported(config: MLAConfig, version: str) -> str | None:
+    """Why HF cannot build this layer, or None. DeepseekV2Config validates hidden_size % heads == 0
+    (a check meant for MHA models; MLA does not need it, and V3's config drops it)."""
+    if version == "v2" and config.hidden_size % config.num_heads:
+        return (f"DeepseekV2Config requires hidden_size % num_attention_heads == 0; got {config.hidden_size} and "
+                f"{config.num_heads}")
+    return None
+
+
+def interleave_halves(width: int) -> torch.Tensor:
+    """Row order [0, w/2, 1, w/2+1, …]: rotating pairs (2j, 2j+1) of the permuted rows is rotating
+    pairs (j, j + w/2) of the original ones, so 'halves' weights run in an interleaved-only module."""
+    half = width // 2
+    return torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
+
+
+def hf_weights(config: MLAConfig, weights: MLAWeights, permute_rope: bool) -> dict[str, torch.Tensor]:
+    """Parameter name → tensor for the HF attention module (float64, before the dtype cast)."""
+    h, dn, dr, dc = config.num_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
+    order = interleave_halves(dr) if permute_rope else torch.arange(dr)
+
+    def query_rows(w: torch.Tensor) -> torch.Tensor:
+        per_head = w.reshape(h, dn + dr, -1)
+        return torch.cat((per_head[:, :dn], per_head[:, dn:][:, order]), dim=1).reshape(w.shape)
+
+    named = {"kv_a_proj_with_mqa.weight": torch.cat((weights.wkv_a[:dc], weights.wkv_a[dc:][order])),
+             "kv_a_layernorm.weight": weights.kv_norm, "kv_b_proj.weight": weights.wkv_b, "o_proj.weight": weights.wo}
+    if config.q_lora_rank is None:
+        named["q_proj.weight"] = query_rows(weights.wq)
+    else:
+        named.update({"q_a_proj.weight": weights.wq_a, "q_a_layernorm.weight": weights.q_norm,
+                      "q_b_proj.weight": query_rows(weights.wq_b)})
+    return named
+
+
+class _Float64RMSNorm(nn.Module):
+    """RMSNorm computed in float64 (HF's casts to float32), same weight and eps."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(F64)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight.to(F64) * x).to(hidden_states.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------
+
+class HFDeepseekAttention:
+    """One HF Deepseek attention module with its DynamicCache, as an MLALayer.
+
+    `module`, `rotary` and `hf_config` are HF's objects (tests mutate them); `position` is the next
+    token's position."""
+
+    def __init__(self, config: MLAConfig, weights: MLAWeights, dtype: torch.dtype = F64, device: str = "cpu", *,
+                 version: str = "v3", attn_implementation: str = "eager", float64_norm_and_rope: bool = False,
+                 precision: InternalPrecision) -> None:
+        reason = unsupported(config, version)
+        if reason:
+            raise ValueError(reason)
+        transformers = _transformers()
+        modeling = _modeling(version)
+        config_class = transformers.DeepseekV3Config if version == "v3" else transformers.DeepseekV2Config
+        attention_class = modeling.DeepseekV3Attention if version == "v3" else modeling.DeepseekV2Attention
+        rotary_class = modeling.DeepseekV3RotaryEmbedding if version == "v3" else modeling.DeepseekV2RotaryEmbedding
+        self.config, self.version, self.dtype, self.device = config, version, dtype, torch.device(device)
+        self.hf_config = config_class(**hf_config_arguments(config, version), attn_implementation=attn_implementation)
+        self.module = attention_class(self.hf_config, layer_idx=0).to(device=self.device, dtype=dtype).eval()
+        with torch.no_grad():
+            parameters = dict(self.module.named_parameters())
+            for name, value in hf_weights(config, weights, permute_rope=version == "v2"
+                                          and config.rope_layout == "halves").items():
+                parameters[name].copy_(value.to(dtype))
+        self.rotary = rotary_class(self.hf_config).to(self.device)
+        self.float64_norm_and_rope = float64_norm_and_rope
+        if float64_norm_and_rope:
+            if version != "v3":
+                raise ValueError("float64_norm_and_rope needs DeepseekV3Attention (V2 rounds RoPE to float32)")
+            for name in ("q_a_layernorm", "kv_a_layernorm"):
+                norm = getattr(self.module, name)
+                if norm is not None:
+                    setattr(self.module, name, _Float64RMSNorm(norm.weight, norm.variance_epsilon))
+        self.precision = precision
+        self._masks = load_module("transformers.masking_utils", _ADAPTER.library, _ADAPTER.install)
+        self._cache_class = load_module("transformers.cache_utils", _ADAPTER.library, _ADAPTER.install).DynamicCache
+        self.cache = None
+        self.position = 0
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache = self._cache_class(config=self.hf_config)
+        self.position = 0
+        return self._forward(x)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            raise RuntimeError("decode() needs a prefill() first: the cache is empty")
+        return self._forward(x)
+
+    def _position_embeddings(self, x: torch.Tensor, position_ids: torch.Tensor):
+        if self.float64_norm_and_rope:
+            cos, sin = rope_cos_sin(self.config, position_ids[0].cpu())
+            return (torch.cat((cos, cos), -1)[None].to(self.device, x.dtype),
+                    torch.cat((sin, sin), -1)[None].to(self.device, x.dtype))
+        return self.rotary(x, position_ids)
+
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"x must be [b, s, {self.config.hidden_size}]; got shape {tuple(x.shape)}")
+        x = x.to(self.device, self.dtype)
+        s = x.shape[1]
+        position_ids = torch.arange(self.position, self.position + s, device=self.device)[None]
+        mask = self._masks.create_causal_mask(config=self.hf_config, inputs_embeds=x, attention_mask=None,
+                                              cache=self.cache, position_ids=position_ids)
+        out, _ = self.module(hidden_states=x, position_embeddings=self._position_embeddings(x, position_ids),
+                             attention_mask=mask, cache=self.cache)
+        self.position += s
+        return out
+
+
+def _precision(rms_norm: torch.dtype, rope: torch.dtype, softmax: torch.dtype, note: str) -> InternalPrecision:
+    return dataclasses.replace(InternalPrecision.uniform(F64), rms_norm=rms_norm, rope=rope, softmax=softmax,
+                               note=note)
+
+
+# name → (version, attention implementation, float64 norm and rope, declared precision)
+VARIANTS = {
+    "v3-eager": ("v3", "eager", False, _precision(F32, F32, F32, "HF casts RMSNorm, RoPE angles/cos/sin and the "
+                                                                 "eager softmax to float32")),
+    "v3-sdpa": ("v3", "sdpa", False, _precision(F32, F32, F64, "HF casts RMSNorm and RoPE angles/cos/sin to float32")),
+    "v3-sdpa-f64": ("v3", "sdpa", True, _precision(F64, F64, F64, "float64 RMSNorm and cos/sin supplied by the "
+                                                                  "adapter")),
+    "v2-eager": ("v2", "eager", False, _precision(F32, F32, F32, "HF casts RMSNorm, the complex RoPE product and the "
+                                                                 "eager softmax to float32")),
+    "v2-sdpa": ("v2", "sdpa", False, _precision(F32, F32, F64, "HF casts RMSNorm and the complex RoPE product to "
+                                                               "float32")),
+}
+
+
+def _factory(variant: str):
+    version, implementation, float64_parts, precision = VARIANTS[variant]
+
+    def build(config: MLAConfig, weights: MLAWeights, dtype: torch.dtype = F64,
+              device: str = "cpu") -> HFDeepseekAttention:
+        return HFDeepseekAttention(config, weights, dtype, device, version=version, attn_implementation=implementation,
+                                   float64_norm_and_rope=float64_parts, precision=precision)
+
+    build.__name__ = build.__qualname__ = f"deepseek_{variant.replace('-', '_')}"
+    build.__doc__ = (f"Layer factory: HF Deepseek{version.upper()}Attention, {implementation}; declares "
+                     f"{precision.describe()}.")
+    build.precision = precision
+    build.supports = lambda config: unsupported(config, version)
+    return build
+
+
+deepseek_v3_eager = _factory("v3-eager")
+deepseek_v3_sdpa = _factory("v3-sdpa")
+deepseek_v3_sdpa_float64 = _factory("v3-sdpa-f64")
+deepseek_v2_eager = _factory("v2-eager")
+deepseek_v2_sdpa = _factory("v2-sdpa")
