@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument("--quick-check", action="store_true", help="only a few bf16 d=576 check cases")
     parser.add_argument("--sweep", action="store_true", help="time candidate configs on the headline shapes")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for decode_bench.md")
+    parser.add_argument("--out", default=".", help="folder for decode_bench.md")
     args = parser.parse_args()
     import triton
     name = torch.cuda.get_device_name()
