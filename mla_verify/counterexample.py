@@ -17,22 +17,12 @@ from pathlib import Path
 
 import torch
 
-from mla_verify.cases import CANARY_ELEMENTS, build_inputs
+from mla_verify.cases import CANARY_ELEMENTS
 from mla_verify.checks import CaseFailure, Implementation, expected_for
+from mla_verify.decode_properties import property_named
 from mla_verify.strategies import DecodeCase
 
 __all__ = ["save_counterexample", "load_counterexample", "replay"]
-
-
-def _call_inputs(prop_name: str, case: DecodeCase) -> list:
-    if prop_name == "page_order_invariant":
-        return [build_inputs(case), build_inputs(case, layout_seed=case.layout_seed + 1)]
-    if prop_name == "rows_independent":
-        return [build_inputs(case), build_inputs(case, redraw_rows={r: case.seed + 1 for r in range(1, case.batch)})]
-    if prop_name == "deterministic":
-        inputs = build_inputs(case)
-        return [inputs, inputs]
-    return [build_inputs(case)]
 
 
 def save_counterexample(directory: str | Path, impl: Implementation, prop_name: str, failure: CaseFailure) -> Path:
@@ -41,7 +31,7 @@ def save_counterexample(directory: str | Path, impl: Implementation, prop_name: 
     digest = hashlib.sha1(json.dumps(case.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(directory) / f"{_slug(impl.name)}-{prop_name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
-    calls = _call_inputs(prop_name, case)
+    calls = property_named(prop_name).calls(case)
     expected = expected_for(calls[0], impl.capabilities)
     caps = impl.capabilities
     torch.save({
@@ -78,8 +68,6 @@ def load_counterexample(path: str | Path) -> dict:
 
 def replay(path: str | Path, impl: Implementation) -> CaseFailure | None:
     """Rerun the artifact's property on its case; the failure if it still fails, else None."""
-    from mla_verify.decode_properties import property_named
-
     meta = load_counterexample(path)
     try:
         property_named(meta["property"]).check(impl, meta["case"])

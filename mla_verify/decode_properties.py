@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from mla_verify.cases import build_inputs
+from mla_verify.cases import DecodeInputs, build_inputs
 from mla_verify.checks import (CaseFailure, FailureKind, Finding, Implementation, Observed, call_kernel,
                                check_case, expected_for)
 from mla_verify.strategies import DecodeCase
@@ -19,11 +19,32 @@ from mla_verify.strategies import DecodeCase
 __all__ = ["DecodeProperty", "DECODE_PROPERTIES", "property_named"]
 
 
+def _one_call(case: DecodeCase) -> list[DecodeInputs]:
+    return [build_inputs(case)]
+
+
+def _pages_moved(case: DecodeCase) -> list[DecodeInputs]:
+    return [build_inputs(case), build_inputs(case, layout_seed=case.layout_seed + 1)]
+
+
+def _other_rows_redrawn(case: DecodeCase) -> list[DecodeInputs]:
+    return [build_inputs(case), build_inputs(case, redraw_rows={row: case.seed + 1 for row in range(1, case.batch)})]
+
+
+def _same_inputs_twice(case: DecodeCase) -> list[DecodeInputs]:
+    inputs = build_inputs(case)
+    return [inputs, inputs]
+
+
 @dataclass(frozen=True)
 class DecodeProperty:
+    """`calls` builds the inputs of each kernel call the property makes (the counterexample artifact
+    saves exactly these)."""
+
     name: str
     description: str
     check: Callable[[Implementation, DecodeCase], float]
+    calls: Callable[[DecodeCase], list[DecodeInputs]] = _one_call
     min_batch: int = 1
     prepare: Callable[[DecodeCase], DecodeCase] = lambda case: case
 
@@ -60,24 +81,19 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _page_order_invariant(impl: Implementation, case: DecodeCase) -> float:
-    first = call_kernel(impl, build_inputs(case))
-    second = call_kernel(impl, build_inputs(case, layout_seed=case.layout_seed + 1))
+    first, second = (call_kernel(impl, inputs) for inputs in _pages_moved(case))
     return _identical_or_within(impl, case, first, second, FailureKind.LAYOUT_DEPENDENCE,
                                 "placing the same pages at other physical blocks changed the result")
 
 
 def _rows_independent(impl: Implementation, case: DecodeCase) -> float:
-    first = call_kernel(impl, build_inputs(case))
-    redrawn = {row: case.seed + 1 for row in range(1, case.batch)}
-    second = call_kernel(impl, build_inputs(case, redraw_rows=redrawn))
+    first, second = (call_kernel(impl, inputs) for inputs in _other_rows_redrawn(case))
     return _identical_or_within(impl, case, first, second, FailureKind.CROSS_ROW_DEPENDENCE,
                                 "changing the other rows' q and cache changed row 0", rows=slice(0, 1))
 
 
 def _deterministic(impl: Implementation, case: DecodeCase) -> float:
-    inputs = build_inputs(case)
-    first = call_kernel(impl, inputs)
-    second = call_kernel(impl, inputs)
+    first, second = (call_kernel(impl, inputs) for inputs in _same_inputs_twice(case))
     return _identical_or_within(impl, case, first, second, FailureKind.NONDETERMINISM,
                                 "two calls on the same inputs")
 
@@ -87,11 +103,11 @@ DECODE_PROPERTIES = (
                    "reference; NaN/inf pattern, empty rows, shapes, dtypes and input integrity exact",
                    _matches_reference),
     DecodeProperty("page_order_invariant", "moving pages to other physical blocks gives the identical result",
-                   _page_order_invariant, prepare=lambda case: case.replace(permute_pages=True)),
+                   _page_order_invariant, calls=_pages_moved, prepare=lambda case: case.replace(permute_pages=True)),
     DecodeProperty("rows_independent", "a batch row's result does not depend on the other rows' data",
-                   _rows_independent, min_batch=2),
+                   _rows_independent, calls=_other_rows_redrawn, min_batch=2),
     DecodeProperty("deterministic", "two calls give the identical result (or within 2·bound when the "
-                   "kernel declares itself nondeterministic)", _deterministic),
+                   "kernel declares itself nondeterministic)", _deterministic, calls=_same_inputs_twice),
 )
 
 
