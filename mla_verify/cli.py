@@ -38,6 +38,13 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     except ImplementationError as error:
         _stderr(f"mla-verify: {error}")
         return 2
+    from mla_verify.contract import declares_capabilities
+
+    # a declared device list is a claim; a bare function's default ('cpu') is only a guess
+    if declares_capabilities(impl.fn) and args.device.split(":")[0] not in impl.capabilities.devices:
+        _stderr(f"mla-verify: '{impl.name}' declares devices {list(impl.capabilities.devices)}; "
+                f"pass --device {impl.capabilities.devices[0]}")
+        return 2
     if args.device.startswith("cuda"):
         import torch
 

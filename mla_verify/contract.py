@@ -36,6 +36,7 @@ __all__ = [
     "MissingDependency",
     "declare",
     "capabilities_of",
+    "declares_capabilities",
     "check_signature",
     "validate_decode_inputs",
 ]
@@ -125,6 +126,11 @@ def declare(capabilities: Capabilities) -> Callable[[Callable], Callable]:
         return fn
 
     return attach
+
+
+def declares_capabilities(fn: Callable) -> bool:
+    """Whether `fn` carries a declaration (a bare function gets the defaults instead)."""
+    return isinstance(getattr(fn, _ATTRIBUTE, None), Capabilities)
 
 
 def capabilities_of(fn: Callable) -> Capabilities:

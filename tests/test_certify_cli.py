@@ -104,6 +104,12 @@ def test_environment_variable_names_the_implementation(tmp_path):
     assert run.returncode == 2 and "mla_verify.config:mla_preset" in run.stderr
 
 
+def test_a_device_the_kernel_does_not_declare_is_a_usage_error(capsys):
+    assert main(["certify", "triton", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "declares devices ['cuda']; pass --device cuda" in err and len(err.splitlines()) == 1
+
+
 def test_list_shows_the_own_implementation(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
