@@ -1,17 +1,26 @@
 """Certify a decode kernel: run every decode property under Hypothesis and write the certificate.
 
-Certificate schema (JSON, "schema": "mla-verify-certificate/1"):
+The search does not stop at the first failure: each distinct failure (its signature: the failure
+kind and where it arises, see `mla_verify.checks.Finding`) is shrunk on its own by Hypothesis
+(report_multiple_bugs) and gets its own minimal case, counterexample artifact and replay command.
+A case the kernel declines (`mla_verify.Declined`, NotImplementedError) is counted with its reason
+and the search goes on; with `strict` it is a failure.
+
+Certificate schema (JSON, "schema": "mla-verify-certificate/2"):
     implementation  {name, spec, capabilities}        what was certified and what it claims
     versions        {mla_verify, torch, hypothesis, python, [triton]}
     device          {type, name}
-    settings        {profile, max_examples, seed, isolated, limits}
-    verdict         "pass" | "fail"                   pass only if every property passed
-    properties      [{name, description, verdict, examples, max_ratio, worst_case, coverage,
-                      failure: {kind, message, case} | null, counterexample: path | null}]
-    not_covered     [str]                             what the declared capabilities left out
+    settings        {profile, max_examples, seed, isolated, strict, limits}
+    verdict         "pass" | "pass with declined cases" | "fail"
+    distinct_failures  int                            over all properties
+    properties      [{name, description, verdict, examples, passed, failed, declined,
+                      declined_reasons {reason: count}, max_ratio, max_sharp_ratio, worst_case,
+                      worst_sharp_case, coverage, failures: [{signature, kind, message, case,
+                      counterexample, flaky}]}]
+    not_covered     [str]                             what the declaration left out and the limits drawn
     elapsed_s       float
-max_ratio is the largest observed error / bound over all examples (≤ 1 passes); worst_case is the
-case that reached it, reported whether the property passed or not.
+max_ratio / max_sharp_ratio are the largest observed error / tolerance of each tier over the cases
+that passed (≤ 1); worst_case / worst_sharp_case the cases that reached them.
 """
 
 from __future__ import annotations
@@ -30,10 +39,9 @@ import hypothesis
 import hypothesis.errors
 import torch
 from hypothesis import Phase, example, given, settings, target
-from hypothesis import strategies as st
 
 import mla_verify
-from mla_verify.checks import CaseFailure, FailureKind, Finding, Implementation
+from mla_verify.checks import CaseDeclined, CaseFailure, FailureKind, Finding, Implementation, Ratios
 from mla_verify.counterexample import save_counterexample
 from mla_verify.decode_properties import DECODE_PROPERTIES, DecodeProperty, property_named
 from mla_verify.profiles import PROFILES, Profile, hypothesis_settings
@@ -41,7 +49,7 @@ from mla_verify.strategies import DEFAULT_PAGES, DEFAULT_WIDTHS, DecodeCase, dec
 
 __all__ = ["PropertyReport", "Certificate", "certify", "run_property", "Coverage", "not_covered"]
 
-SCHEMA = "mla-verify-certificate/1"
+SCHEMA = "mla-verify-certificate/2"
 
 
 @dataclass
@@ -59,6 +67,9 @@ class Coverage:
     layouts: set = field(default_factory=set)
     max_length: int = 0
     max_batch: int = 0
+    max_work: int = 0
+    # cases with a batch of at least 32 or a sequence of at least 4096 tokens
+    serving_scale: int = 0
 
     def add(self, case: DecodeCase) -> None:
         self.dtypes.add(case.dtype)
@@ -74,9 +85,12 @@ class Coverage:
             self.length_kinds.add(_length_kind(n, case.page_size))
         self.max_length = max(self.max_length, max(case.lengths, default=0))
         self.max_batch = max(self.max_batch, case.batch)
+        self.max_work = max(self.max_work, case.work)
+        self.serving_scale += case.batch >= 32 or max(case.lengths, default=0) >= 4096
 
     def to_dict(self) -> dict:
-        return {key: sorted(value, key=str) if isinstance(value, set) else value for key, value in vars(self).items()}
+        return {key: sorted(value, key=lambda v: (type(v).__name__, v)) if isinstance(value, set) else value
+                for key, value in vars(self).items()}
 
 
 def _length_kind(n: int, page: int) -> str:
@@ -92,16 +106,35 @@ def _length_kind(n: int, page: int) -> str:
 class PropertyReport:
     name: str
     description: str
-    verdict: str = "pass"
     examples: int = 0
+    passed: int = 0
+    failed: int = 0
+    declined: int = 0
+    declined_reasons: dict = field(default_factory=dict)
     max_ratio: float = 0.0
+    max_sharp_ratio: float = 0.0
     worst_case: dict | None = None
+    worst_sharp_case: dict | None = None
     coverage: Coverage = field(default_factory=Coverage)
-    failure: dict | None = None
-    counterexample: str | None = None
+    failures: list = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if self.failures:
+            return "fail"
+        return "pass with declined cases" if self.declined else "pass"
+
+    def record(self, ratios: Ratios, case: DecodeCase) -> None:
+        self.passed += 1
+        # exact properties (ratio 0) have no worst case
+        if ratios.sound > self.max_ratio:
+            self.max_ratio, self.worst_case = ratios.sound, case.to_dict()
+        if ratios.sharp > self.max_sharp_ratio:
+            self.max_sharp_ratio, self.worst_sharp_case = ratios.sharp, case.to_dict()
 
     def to_dict(self) -> dict:
         data = dict(vars(self))
+        data["verdict"] = self.verdict
         data["coverage"] = self.coverage.to_dict()
         return data
 
@@ -117,49 +150,91 @@ class Certificate:
     elapsed_s: float
 
     @property
+    def distinct_failures(self) -> int:
+        return sum(len(p.failures) for p in self.properties)
+
+    @property
     def verdict(self) -> str:
-        return "pass" if all(p.verdict == "pass" for p in self.properties) else "fail"
+        if self.distinct_failures:
+            return "fail"
+        return "pass with declined cases" if any(p.declined for p in self.properties) else "pass"
+
+    def headline(self) -> str:
+        if self.verdict == "fail":
+            n = self.distinct_failures
+            return f"FAIL: {n} distinct failure{'s' if n > 1 else ''}"
+        if self.verdict == "pass":
+            return "PASS"
+        declined = sum(p.declined for p in self.properties)
+        examples = sum(p.examples for p in self.properties)
+        return f"PASS with declined cases ({declined} of {examples} cases declined)"
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "implementation": self.implementation, "versions": self.versions,
                 "device": self.device, "settings": self.settings, "verdict": self.verdict,
+                "distinct_failures": self.distinct_failures,
                 "properties": [p.to_dict() for p in self.properties], "not_covered": self.not_covered,
                 "elapsed_s": round(self.elapsed_s, 2)}
 
     def to_markdown(self) -> str:
         impl, lines = self.implementation, []
-        lines.append(f"# MLA decode certificate: {impl['name']} — {self.verdict.upper()}")
+        lines.append(f"# MLA decode certificate: {impl['name']} — {self.headline()}")
         lines.append("")
         lines.append(f"- implementation: `{impl['spec']}`")
         lines.append(f"- device: {self.device['type']} ({self.device['name']})")
-        lines.append(f"- versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()))
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()))
         s = self.settings
         lines.append(f"- profile: {s['profile']}, {s['max_examples']} examples per property, seed {s['seed']}, "
-                     f"isolated: {s['isolated']}")
+                     f"isolated: {s['isolated']}, strict: {s['strict']}")
         lines.append(f"- elapsed: {self.elapsed_s:.1f} s")
         lines.append("")
-        lines.append("| property | verdict | examples | max error/bound | failure |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| property | verdict | cases | passed | failed | declined | max error/bound (sound) "
+                     "| max error/tolerance (sharp) |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for p in self.properties:
-            failure = f"{p.failure['kind']}: {p.failure['message']}" if p.failure else ""
-            lines.append(f"| {p.name} | {p.verdict} | {p.examples} | {p.max_ratio:.3g} | "
-                         f"{failure.replace('|', '/')[:200]} |")
+            lines.append(f"| {p.name} | {p.verdict} | {p.examples} | {p.passed} | {p.failed} | {p.declined} | "
+                         f"{p.max_ratio:.3g} | {p.max_sharp_ratio:.3g} |")
+        lines.append("")
+        lines.append("The ratios are over the cases that passed. Sound tier: worst-case rounding-error bound, "
+                     "element by element. Sharp tier: probabilistic rounding model on the lse and on each "
+                     "row's error norm (see mla_verify/error_bounds.py).")
+        for p in self.properties:
+            for number, failure in enumerate(p.failures, 1):
+                lines.append("")
+                lines.append(f"## {p.name}: failure {number} of {len(p.failures)} — {_escape(failure['signature'])}")
+                lines.append("")
+                lines.append(f"- {_escape(failure['message'])}" + (" (flaky)" if failure.get("flaky") else ""))
+                lines.append(f"- minimal case: `{DecodeCase.from_dict(failure['case']).describe()}`")
+                if failure.get("counterexample"):
+                    lines.append(f"- counterexample: `{failure['counterexample']}` "
+                                 f"(replay: `mla-verify replay {failure['counterexample']}`)")
+            if p.declined_reasons:
+                lines.append("")
+                lines.append(f"Declined by {p.name} ({p.declined} of {p.examples} cases):")
+                lines += [f"- {count} × {_escape(reason)}" for reason, count in p.declined_reasons.items()]
         lines.append("")
         for p in self.properties:
             if p.worst_case:
-                lines.append(f"- worst case of {p.name}: `{DecodeCase.from_dict(p.worst_case).describe()}`")
-            if p.counterexample:
-                lines.append(f"- counterexample of {p.name}: `{p.counterexample}` "
-                             f"(replay: `mla-verify replay {p.counterexample}`)")
+                lines.append(f"- worst passing case of {p.name} (sound): `{DecodeCase.from_dict(p.worst_case).describe()}`")
+            if p.worst_sharp_case:
+                lines.append(f"- worst passing case of {p.name} (sharp): "
+                             f"`{DecodeCase.from_dict(p.worst_sharp_case).describe()}`")
         lines.append("")
         coverage = self.properties[0].coverage.to_dict() if self.properties else {}
-        lines.append("Coverage (matches_reference): " + "; ".join(f"{k}: {v}" for k, v in coverage.items()))
+        lines.append(f"Coverage ({self.properties[0].name if self.properties else '-'}): "
+                     + "; ".join(f"{k}: {v}" for k, v in coverage.items()))
         lines.append("")
         lines.append("Not covered: " + ("; ".join(self.not_covered) if self.not_covered else "nothing declared out"))
         return "\n".join(lines) + "\n"
 
 
-def not_covered(impl: Implementation, device: str) -> list[str]:
+def _escape(text: str) -> str:
+    """Markdown-safe inside a line: pipes escaped, no line breaks."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def not_covered(impl: Implementation, device: str, coverage: Coverage | None = None) -> list[str]:
+    """What the declaration leaves out, what the strategies never draw, and the limits the run drew."""
     caps, gaps = impl.capabilities, []
     all_dtypes = ("float64", "float32", "float16", "bfloat16")
     declared = {dtype_name(t) for t in caps.dtypes}
@@ -186,19 +261,25 @@ def not_covered(impl: Implementation, device: str) -> list[str]:
         gaps.append(f"device {device} is not declared ({list(caps.devices)})")
     if caps.empty_row_lse > 0:
         gaps.append("empty rows checked against the declared lse = +inf convention")
+    if coverage is not None and coverage.s_q:
+        gaps.append(f"drawn: sequences longer than {coverage.max_length} tokens, batches above {coverage.max_batch}, "
+                    f"s_q above {max(coverage.s_q)}, more than {max(coverage.heads)} heads")
     return gaps
 
 
 def _isolated_check(spec: str, prop_name: str, case_dict: dict) -> tuple[str, object]:
-    """Child-process body: ('ok', ratio) or ('fail', (kind, message, ratio))."""
+    """Child-process body: ('ok', (sound, sharp)), ('declined', reason) or ('fail', (kind, message, ratio, locus))."""
     from mla_verify.registry import resolve
 
     impl = resolve(spec)
     try:
-        return "ok", property_named(prop_name).check(impl, DecodeCase.from_dict(case_dict))
+        ratios = property_named(prop_name).check(impl, DecodeCase.from_dict(case_dict))
+        return "ok", (ratios.sound, ratios.sharp)
+    except CaseDeclined as declined:
+        return "declined", declined.reason
     except CaseFailure as failure:
         f = failure.finding
-        return "fail", (f.kind.value, f.message, f.ratio)
+        return "fail", (f.kind.value, f.message, f.ratio, f.locus)
 
 
 class IsolatedRunner:
@@ -217,7 +298,7 @@ class IsolatedRunner:
             self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context)
         return self._pool
 
-    def check(self, impl: Implementation, prop: DecodeProperty, case: DecodeCase) -> float:
+    def check(self, impl: Implementation, prop: DecodeProperty, case: DecodeCase) -> Ratios:
         try:
             status, payload = self._executor().submit(_isolated_check, impl.spec, prop.name, case.to_dict()).result()
         except concurrent.futures.process.BrokenProcessPool:
@@ -225,10 +306,12 @@ class IsolatedRunner:
             raise CaseFailure(Finding(FailureKind.CRASH, "the child process running the kernel died "
                                       "(segfault, abort or a fatal CUDA error)"), case) from None
         if status == "ok":
-            return payload
+            return Ratios(*payload)
+        if status == "declined":
+            raise CaseDeclined(payload, case)
         self.close()
-        kind, message, ratio = payload
-        raise CaseFailure(Finding(FailureKind(kind), message, ratio), case)
+        kind, message, ratio, locus = payload
+        raise CaseFailure(Finding(FailureKind(kind), message, ratio, locus), case)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -236,29 +319,50 @@ class IsolatedRunner:
             self._pool = None
 
 
+def _case_failures(error: BaseException) -> list[tuple[CaseFailure, bool]]:
+    """The CaseFailures inside what Hypothesis raised (one failure, or a group of distinct ones),
+    each with whether Hypothesis found it flaky (it did not fail the same way on replay)."""
+    flaky = isinstance(error, hypothesis.errors.Flaky)
+    if isinstance(error, CaseFailure):
+        return [(error, flaky)]
+    if isinstance(error, BaseExceptionGroup):
+        return [(failure, flaky or inner_flaky) for inner in error.exceptions
+                for failure, inner_flaky in _case_failures(inner)]
+    return []
+
+
 def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, device: str = "cpu",
                  max_examples: int | None = None, seed: int | None = None,
                  counterexamples: str | Path | None = None, isolated: IsolatedRunner | None = None,
-                 progress: Callable[[str], None] = lambda message: None) -> PropertyReport:
-    """Run one property under Hypothesis; shrink a failure to a minimal case and save it."""
+                 strict: bool = False, progress: Callable[[str], None] = lambda message: None) -> PropertyReport:
+    """Run one property under Hypothesis; shrink each distinct failure to a minimal case and save it."""
     report = PropertyReport(prop.name, prop.description)
-    last_failure: list[CaseFailure] = []
     strategy = decode_cases(impl.capabilities, profile.limits, device, min_batch=prop.min_batch).map(prop.prepare)
 
     def check(case: DecodeCase) -> None:
         report.examples += 1
         report.coverage.add(case)
+        failure = None
         try:
-            ratio = isolated.check(impl, prop, case) if isolated else prop.check(impl, case)
-        except CaseFailure as failure:
-            last_failure[:] = [failure]
-            raise
+            ratios = isolated.check(impl, prop, case) if isolated else prop.check(impl, case)
+        except CaseDeclined as declined:
+            if not strict:
+                report.declined += 1
+                report.declined_reasons[declined.reason] = report.declined_reasons.get(declined.reason, 0) + 1
+                return
+            failure = CaseFailure(Finding(FailureKind.DECLINED, declined.reason), case)
+        except CaseFailure as caught:
+            failure = caught
+        if failure is not None:
+            report.failed += 1
+            raise failure.distinct()  # outside the except block: the signature alone tells failures apart
+        report.record(ratios, case)
         if profile.targeted:
-            target(ratio, label="error/bound")
-        if ratio > report.max_ratio:  # exact properties (ratio 0) have no worst case
-            report.max_ratio, report.worst_case = ratio, case.to_dict()
+            target(ratios.sound, label="error/bound")
+            target(ratios.sharp, label="error/sharp tolerance")
         if report.examples % 25 == 0:
-            progress(f"  {prop.name}: {report.examples} examples, max error/bound {report.max_ratio:.3g}")
+            progress(f"  {prop.name}: {report.examples} cases, max error/bound {report.max_ratio:.3g} (sound), "
+                     f"{report.max_sharp_ratio:.3g} (sharp), {report.failed} failing")
 
     # one example-database key per (implementation, property, device): a failure stored for one
     # kernel must not be replayed first for another
@@ -272,25 +376,19 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
     for case in pinned_cases(impl.capabilities, device, prop.min_batch):
         pinned = example(prop.prepare(case))(pinned)
     pinned = settings(hypothesis_settings(profile), phases=[Phase.explicit])(pinned)
-    flaky = False
-    try:
-        search()
-        pinned()
-    except CaseFailure:
-        pass
-    except hypothesis.errors.Flaky:
-        # the same case failed differently (or not at all) on replay: nondeterministic output,
-        # e.g. unwritten memory; still a failure, reported as the last one seen
-        flaky = True
-    if last_failure:
-        failure = last_failure[0]  # Hypothesis replays the shrunk example last
-        report.verdict = "fail"
-        report.failure = {"kind": failure.finding.kind.value, "message": failure.finding.message,
-                          "case": failure.case.to_dict()}
-        if flaky:
-            report.failure["message"] += " (flaky: replaying this case did not fail the same way)"
+    found: dict[str, tuple[CaseFailure, bool]] = {}
+    for run in (search, pinned):
+        try:
+            run()
+        except (CaseFailure, BaseExceptionGroup) as error:
+            for failure, flaky in _case_failures(error):
+                found.setdefault(failure.finding.signature, (failure, flaky))
+    for signature, (failure, flaky) in found.items():
+        entry = {"signature": signature, "kind": failure.finding.kind.value, "message": failure.finding.message,
+                 "case": failure.case.to_dict(), "flaky": flaky, "counterexample": None}
         if counterexamples is not None:
-            report.counterexample = str(save_counterexample(counterexamples, impl, prop.name, failure))
+            entry["counterexample"] = str(save_counterexample(counterexamples, impl, prop.name, failure))
+        report.failures.append(entry)
     return report
 
 
@@ -316,7 +414,7 @@ def _device_info(device: str) -> dict:
 
 def certify(impl: Implementation, profile: str = "default", device: str = "cpu", max_examples: int | None = None,
             seed: int | None = None, counterexamples: str | Path | None = None, isolate: bool = False,
-            properties: list[str] | None = None,
+            properties: list[str] | None = None, strict: bool = False,
             progress: Callable[[str], None] = lambda message: None) -> Certificate:
     chosen = PROFILES[profile]
     selected = [property_named(name) for name in properties] if properties else list(DECODE_PROPERTIES)
@@ -331,9 +429,9 @@ def certify(impl: Implementation, profile: str = "default", device: str = "cpu",
         for prop in selected:
             progress(f"{prop.name}: {prop.description}")
             report = run_property(impl, prop, chosen, device, max_examples, seed, counterexamples, isolated,
-                                  progress)
-            progress(f"  {prop.name}: {report.verdict.upper()} ({report.examples} examples, "
-                     f"max error/bound {report.max_ratio:.3g})")
+                                  strict, progress)
+            progress(f"  {prop.name}: {report.verdict.upper()} ({report.examples} cases, {report.failed} failing, "
+                     f"{report.declined} declined, {len(report.failures)} distinct failures)")
             reports.append(report)
     finally:
         torch.set_num_threads(threads)
@@ -343,11 +441,14 @@ def certify(impl: Implementation, profile: str = "default", device: str = "cpu",
     capabilities = {key: (str(value) if not isinstance(value, (int, float, str, bool, type(None), tuple)) else value)
                     for key, value in vars(caps).items()}
     capabilities["dtypes"] = [dtype_name(t) for t in caps.dtypes]
-    if caps.accumulation_dtype is not None:
-        capabilities["accumulation_dtype"] = dtype_name(caps.accumulation_dtype)
+    for name in ("accumulation_dtype", "p_dtype", "partials_dtype"):
+        if getattr(caps, name) is not None:
+            capabilities[name] = dtype_name(getattr(caps, name))
     return Certificate(
         implementation={"name": impl.name, "spec": impl.spec, "capabilities": capabilities},
         versions=_versions(impl), device=_device_info(device),
         settings={"profile": profile, "max_examples": max_examples or chosen.max_examples, "seed": seed,
-                  "isolated": isolate, "properties": [p.name for p in selected], "limits": vars(chosen.limits)},
-        properties=reports, not_covered=not_covered(impl, device), elapsed_s=time.perf_counter() - started)
+                  "isolated": isolate, "strict": strict, "properties": [p.name for p in selected],
+                  "limits": vars(chosen.limits)},
+        properties=reports, not_covered=not_covered(impl, device, reports[0].coverage if reports else None),
+        elapsed_s=time.perf_counter() - started)

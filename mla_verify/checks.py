@@ -1,7 +1,12 @@
 """Run one decode case against an implementation and judge it: the checks behind every property.
 
-A check either returns the observed/bound ratios or raises `CaseFailure` carrying a `Finding`:
-the failure kind, a message with observed vs expected, and the case.
+A check either returns the observed/bound ratios of both tiers (`Ratios`) or raises `CaseFailure`
+carrying a `Finding`: the failure kind, a message with observed vs expected, and the case. A kernel
+that cleanly refuses a case (`mla_verify.contract.Declined` or NotImplementedError) raises
+`CaseDeclined` instead: not a failure, counted apart.
+
+Every failure has a `signature`, the kind and where it arises (rows that see no key, the type of a
+raised exception): the certifier reports one minimal case per distinct signature.
 """
 
 from __future__ import annotations
@@ -14,13 +19,13 @@ from typing import Callable
 import torch
 
 from mla_verify.cases import DecodeInputs, build_inputs
-from mla_verify.contract import Capabilities
-from mla_verify.error_bounds import decode_bounds
+from mla_verify.contract import Capabilities, Declined
+from mla_verify.error_bounds import RoundingModel, decode_bounds
 from mla_verify.reference import paged_decode_terms
 from mla_verify.strategies import DecodeCase
 
-__all__ = ["FailureKind", "Finding", "CaseFailure", "Implementation", "Expected", "Observed",
-           "call_kernel", "expected_for", "compare", "check_case"]
+__all__ = ["FailureKind", "Finding", "CaseFailure", "CaseDeclined", "Implementation", "Expected", "Observed",
+           "Ratios", "EMPTY_ROWS", "worst_ratio", "call_kernel", "expected_for", "compare", "check_case"]
 
 
 class FailureKind(str, enum.Enum):
@@ -35,6 +40,8 @@ class FailureKind(str, enum.Enum):
     LAYOUT_DEPENDENCE = "result depends on physical page order"
     CROSS_ROW_DEPENDENCE = "result depends on other batch rows"
     CRASH = "process crashed"
+    TIMEOUT = "call did not return in time"
+    DECLINED = "declined a case its capabilities claim"
 
 
 @dataclass
@@ -42,6 +49,12 @@ class Finding:
     kind: FailureKind
     message: str
     ratio: float = math.inf
+    # where the failure arises, as part of its signature ("rows that see no key", an exception type)
+    locus: str = ""
+
+    @property
+    def signature(self) -> str:
+        return f"{self.kind.value} ({self.locus})" if self.locus else self.kind.value
 
 
 class CaseFailure(AssertionError):
@@ -49,6 +62,40 @@ class CaseFailure(AssertionError):
         super().__init__(f"{finding.kind.value}: {finding.message}\n  case: {case.describe()}")
         self.finding = finding
         self.case = case
+
+    def distinct(self) -> CaseFailure:
+        """This failure as an instance of a subclass of its own signature. Hypothesis tells failures
+        apart by exception type and raise site, so raising these from one line makes it shrink and
+        report each distinct failure separately (report_multiple_bugs)."""
+        signature = self.finding.signature
+        kind = _SIGNATURE_TYPES.get(signature)
+        if kind is None:
+            kind = type(f"CaseFailure[{signature}]", (CaseFailure,), {"__module__": __name__})
+            _SIGNATURE_TYPES[signature] = kind
+        return kind(self.finding, self.case)
+
+
+_SIGNATURE_TYPES: dict[str, type[CaseFailure]] = {}
+
+
+class CaseDeclined(Exception):
+    """The kernel refused the case cleanly; `reason` is its one-line message."""
+
+    def __init__(self, reason: str, case: DecodeCase) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.case = case
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """Largest observed error / tolerance of a case in each tier (0 for exact properties)."""
+
+    sound: float = 0.0
+    sharp: float = 0.0
+
+    def worst(self, other: Ratios) -> Ratios:
+        return Ratios(max(self.sound, other.sound), max(self.sharp, other.sharp))
 
 
 @dataclass
@@ -69,17 +116,20 @@ class Observed:
 
 @dataclass
 class Expected:
-    """float64 reference and per-element bounds; has_key [b, s_q, h] marks rows that see a key."""
+    """float64 reference, the sound per-element bounds and the sharp tolerances (sharp_out on each
+    row's error norm [b, s_q, h], sharp_lse [b, h, s_q]); has_key [b, s_q, h] marks rows that see a key."""
 
     out: torch.Tensor
     lse: torch.Tensor
     out_bound: torch.Tensor
     lse_bound: torch.Tensor
+    sharp_out: torch.Tensor
+    sharp_lse: torch.Tensor
     has_key: torch.Tensor
 
 
-def _fail(kind: FailureKind, message: str, case: DecodeCase, ratio: float = math.inf) -> CaseFailure:
-    return CaseFailure(Finding(kind, message, ratio), case)
+def _fail(kind: FailureKind, message: str, case: DecodeCase, ratio: float = math.inf, locus: str = "") -> CaseFailure:
+    return CaseFailure(Finding(kind, message, ratio, locus), case)
 
 
 def _poison_allocator(case: DecodeCase, device: torch.device) -> None:
@@ -99,8 +149,11 @@ def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
         result = impl.fn(*inputs.arguments, causal=case.causal)
         if case.device.startswith("cuda"):
             torch.cuda.synchronize()
+    except (Declined, NotImplementedError) as error:
+        raise CaseDeclined(f"{type(error).__name__}: {error}".strip().splitlines()[0][:300], case) from None
     except Exception as error:  # the kernel's own failure is the finding
-        raise _fail(FailureKind.EXCEPTION, f"{type(error).__name__}: {error}".strip(), case) from error
+        raise _fail(FailureKind.EXCEPTION, f"{type(error).__name__}: {error}".strip(), case,
+                    locus=type(error).__name__) from error
     modified, out_of_bounds = inputs.integrity(before)
     if out_of_bounds:
         raise _fail(FailureKind.OUT_OF_BOUNDS_WRITE, f"canary memory around {', '.join(out_of_bounds)} "
@@ -111,7 +164,8 @@ def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
             and all(isinstance(t, torch.Tensor) for t in result)):
         raise _fail(FailureKind.WRONG_SHAPE, f"expected a tuple (out, lse) of tensors, got {type(result).__name__}",
                     case)
-    out, lse = result
+    # copies: a kernel may hand back the same static buffer on every call
+    out, lse = (t.detach().clone() for t in result)
     want_out = (case.batch, case.s_q, case.heads, case.head_dim_v)
     want_lse = (case.batch, case.heads, case.s_q)
     problems = []
@@ -131,24 +185,18 @@ def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
 def expected_for(inputs: DecodeInputs, capabilities: Capabilities) -> Expected:
     case = inputs.case
     terms = paged_decode_terms(*inputs.arguments, causal=case.causal)
-    bounds = decode_bounds(terms, inputs.q, case.softmax_scale, case.head_dim_v, case.torch_dtype,
-                           capabilities.accumulation_for(case.torch_dtype), case.torch_dtype)
+    bounds = decode_bounds(terms, inputs.q, case.softmax_scale, case.head_dim_v,
+                           RoundingModel.of(capabilities, case.torch_dtype))
     has_key = terms.visible.expand_as(terms.scores).any(-1)
-    return Expected(out=terms.out, lse=terms.lse, out_bound=bounds.out, lse_bound=bounds.lse, has_key=has_key)
+    return Expected(out=terms.out, lse=terms.lse, out_bound=bounds.out, lse_bound=bounds.lse,
+                    sharp_out=bounds.sharp_out, sharp_lse=bounds.sharp_lse, has_key=has_key)
 
 
-def _worst(error: torch.Tensor, bound: torch.Tensor) -> tuple[float, tuple[int, ...]]:
-    ratio = torch.where(bound > 0, error / bound, torch.where(error > 0, math.inf, 0.0))
-    if ratio.numel() == 0:
-        return 0.0, ()
-    flat = int(torch.argmax(torch.nan_to_num(ratio, nan=math.inf)))
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ratio.shape))
-    return float(ratio[index]), index
+EMPTY_ROWS = "rows that see no key"
 
 
-def compare(observed: Observed, expected: Expected, capabilities: Capabilities,
-            case: DecodeCase) -> tuple[float, float]:
-    """(max out error/bound, max lse error/bound); raises CaseFailure on any violation."""
+def compare(observed: Observed, expected: Expected, capabilities: Capabilities, case: DecodeCase) -> Ratios:
+    """Both tiers' largest error/tolerance; raises CaseFailure on any violation (sound tier first)."""
     out = observed.out.to(torch.float64).cpu()
     lse = observed.lse.to(torch.float64).cpu()
     if capabilities.lse_base == "2":
@@ -170,36 +218,65 @@ def compare(observed: Observed, expected: Expected, capabilities: Capabilities,
         if nonfinite.any():
             index = torch.nonzero(nonfinite)[0].tolist()
             raise _fail(FailureKind.NONFINITE, f"a row that sees no key must give out 0; out{index} = "
-                        f"{out[tuple(index)].item()!r}", case)
+                        f"{out[tuple(index)].item()!r}", case, locus=EMPTY_ROWS)
         nonzero = empty[..., None] & (out != 0)
         if nonzero.any():
             index = torch.nonzero(nonzero)[0].tolist()
             raise _fail(FailureKind.WRONG_VALUES, f"a row that sees no key must give out 0; out{index} = "
-                        f"{out[tuple(index)].item()!r}", case)
+                        f"{out[tuple(index)].item()!r}", case, locus=EMPTY_ROWS)
         convention = capabilities.empty_row_lse
         wrong = empty.permute(0, 2, 1) & (lse != convention)
         if wrong.any():
             index = torch.nonzero(wrong)[0].tolist()
             raise _fail(FailureKind.WRONG_LSE, f"a row that sees no key must give lse {convention}; lse{index} = "
-                        f"{lse[tuple(index)].item()!r}", case)
+                        f"{lse[tuple(index)].item()!r}", case, locus=EMPTY_ROWS)
 
     out_error = torch.where(has_key[..., None], (out - ref_out).abs(), torch.zeros_like(out))
     lse_error = torch.where(has_key_lse, (lse - ref_lse).abs(), torch.zeros_like(lse))
-    out_ratio, out_at = _worst(out_error, expected.out_bound.cpu())
-    lse_ratio, lse_at = _worst(lse_error, expected.lse_bound.cpu())
+    out_ratio, out_at = worst_ratio(out_error, expected.out_bound.cpu())
+    lse_ratio, lse_at = worst_ratio(lse_error, expected.lse_bound.cpu())
     if lse_ratio > 1:
         raise _fail(FailureKind.WRONG_LSE, f"|lse - ref| / bound = {lse_ratio:.3g} at [b, h, s_q] = "
                     f"{list(lse_at)}: lse {lse[lse_at].item():.9g}, ref {ref_lse[lse_at].item():.9g}, "
-                    f"bound {expected.lse_bound.cpu()[lse_at].item():.3g}", case, lse_ratio)
+                    f"bound {expected.lse_bound.cpu()[lse_at].item():.3g} (sound tier)", case, lse_ratio)
     if out_ratio > 1:
         raise _fail(FailureKind.WRONG_VALUES, f"|out - ref| / bound = {out_ratio:.3g} at [b, s_q, h, c] = "
                     f"{list(out_at)}: out {out[out_at].item():.9g}, ref {ref_out[out_at].item():.9g}, "
-                    f"bound {expected.out_bound.cpu()[out_at].item():.3g}", case, out_ratio)
-    return out_ratio, lse_ratio
+                    f"bound {expected.out_bound.cpu()[out_at].item():.3g} (sound tier)", case, out_ratio)
+
+    row_error = (out - ref_out).norm(dim=-1) * has_key  # [b, s, h]
+    sharp_out_ratio, row_at = worst_ratio(row_error, expected.sharp_out.cpu())
+    sharp_lse_ratio, sharp_lse_at = worst_ratio(lse_error, expected.sharp_lse.cpu())
+    if sharp_lse_ratio > 1:
+        at = sharp_lse_at
+        raise _fail(FailureKind.WRONG_LSE, f"|lse - ref| / sharp tolerance = {sharp_lse_ratio:.3g} at [b, h, s_q] = "
+                    f"{list(at)}: lse {lse[at].item():.9g}, ref {ref_lse[at].item():.9g}, |error| "
+                    f"{lse_error[at].item():.3g}, tolerance {expected.sharp_lse.cpu()[at].item():.3g} "
+                    f"(sharp tier; the sound bound {expected.lse_bound.cpu()[at].item():.3g} holds)", case,
+                    sharp_lse_ratio)
+    if sharp_out_ratio > 1:
+        at = row_at
+        reference_norm = ref_out[at].norm().item()
+        raise _fail(FailureKind.WRONG_VALUES, f"‖out - ref‖ / sharp tolerance = {sharp_out_ratio:.3g} in row "
+                    f"[b, s_q, h] = {list(at)}: relative error {row_error[at].item() / max(reference_norm, 1e-300):.3g}"
+                    f", tolerance {expected.sharp_out.cpu()[at].item() / max(reference_norm, 1e-300):.3g} of ‖ref‖ "
+                    f"(sharp tier; every element is within its sound bound)", case, sharp_out_ratio)
+    return Ratios(sound=max(out_ratio, lse_ratio), sharp=max(sharp_out_ratio, sharp_lse_ratio))
 
 
-def check_case(impl: Implementation, case: DecodeCase) -> tuple[float, float]:
-    """Build the case, run the kernel, compare with the float64 reference within the derived bound."""
+def worst_ratio(error: torch.Tensor, bound: torch.Tensor) -> tuple[float, tuple[int, ...]]:
+    """The largest error/bound and where; an error over a zero bound is infinitely over, NaN counts as inf."""
+    ratio = torch.where(bound > 0, error / bound, torch.where(error > 0, math.inf, 0.0))
+    if ratio.numel() == 0:
+        return 0.0, ()
+    flat = int(torch.argmax(torch.nan_to_num(ratio, nan=math.inf)))
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ratio.shape))
+    value = float(ratio[index])
+    return (math.inf if math.isnan(value) else value), index
+
+
+def check_case(impl: Implementation, case: DecodeCase) -> Ratios:
+    """Build the case, run the kernel, compare with the float64 reference within both tiers."""
     inputs = build_inputs(case)
     observed = call_kernel(impl, inputs)
     return compare(observed, expected_for(inputs, impl.capabilities), impl.capabilities, case)

@@ -1,6 +1,6 @@
-"""mla-verify: certify, replay, list, cache-table.
+"""mla-verify: certify, check, replay, list, cache-table.
 
-Exit codes: 0 success; 1 a property failed (certify) or a counterexample still fails (replay);
+Exit codes: 0 success; 1 a property failed (certify, check) or a counterexample still fails (replay);
 2 a usage error (an implementation that cannot be resolved, an unknown profile, a bad path).
 """
 
@@ -54,7 +54,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     _stderr(f"certifying {impl.name} ({impl.spec}) on {args.device}, profile {args.profile}")
     certificate = certify(impl, profile=args.profile, device=args.device, max_examples=args.max_examples,
                           seed=args.seed, counterexamples=args.counterexamples, isolate=args.isolate,
-                          properties=args.property, progress=_stderr)
+                          properties=args.property, strict=args.strict, progress=_stderr)
     data = _json_safe(certificate.to_dict())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -63,22 +63,53 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(certificate.to_markdown())
     for report in certificate.properties:
-        line = f"{report.verdict.upper():4}  {report.name}: {report.examples} examples, max error/bound " \
-               f"{report.max_ratio:.3g}"
-        if report.failure:
-            line += f"\n      {report.failure['kind']}: {report.failure['message']}"
-            line += f"\n      minimal case: {_describe(report.failure['case'])}"
-        if report.counterexample:
-            line += f"\n      counterexample: {report.counterexample}  (mla-verify replay {report.counterexample})"
-        print(line)
-    print(f"verdict: {certificate.verdict.upper()} ({certificate.elapsed_s:.1f} s)")
-    return 0 if certificate.verdict == "pass" else 1
+        print(f"{report.verdict.upper():4}  {report.name}: {report.examples} cases ({report.passed} passed, "
+              f"{report.failed} failed, {report.declined} declined); passing cases: max error/bound "
+              f"{report.max_ratio:.3g} (sound), {report.max_sharp_ratio:.3g} (sharp)")
+        for number, failure in enumerate(report.failures, 1):
+            print(f"      failure {number}/{len(report.failures)}: {failure['signature']}"
+                  + (" (flaky)" if failure["flaky"] else ""))
+            print(f"        {failure['message']}")
+            print(f"        minimal case: {_describe(failure['case'])}")
+            if failure["counterexample"]:
+                print(f"        replay: mla-verify replay {failure['counterexample']}")
+        for reason, count in report.declined_reasons.items():
+            print(f"      declined {count}×: {reason}")
+    print(f"verdict: {certificate.headline()} ({certificate.elapsed_s:.1f} s)")
+    return 0 if certificate.verdict != "fail" else 1
 
 
 def _describe(case: dict) -> str:
     from mla_verify.strategies import DecodeCase
 
     return DecodeCase.from_dict(case).describe()
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from mla_verify.decode_properties import check
+    from mla_verify.registry import ImplementationError, resolve
+    from mla_verify.strategies import DecodeCase
+
+    try:
+        impl = resolve(args.impl)
+    except ImplementationError as error:
+        _stderr(f"mla-verify: {error}")
+        return 2
+    path = Path(args.case)
+    try:
+        data = json.loads(path.read_text())
+        case = DecodeCase.from_dict(data.get("case", data))
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        _stderr(f"mla-verify: --case {path}: expected a case.json (a counterexample's, or the case dict alone); "
+                f"{type(error).__name__}: {error}")
+        return 2
+    if args.device:
+        case = case.replace(device=args.device)
+    print(f"checking {impl.name} on {case.describe()}")
+    verdicts = check(impl, case, tuple(args.property) if args.property else None)
+    for verdict in verdicts:
+        print(verdict.describe())
+    return 0 if all(v.failure is None for v in verdicts) else 1
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -143,7 +174,17 @@ def _parser() -> argparse.ArgumentParser:
                          help="run each case in a child process (reports segfaults and CUDA faults)")
     certify.add_argument("--property", action="append", choices=[p.name for p in DECODE_PROPERTIES],
                          help="run only this property (repeatable; default: all)")
+    certify.add_argument("--strict", action="store_true",
+                         help="a case the kernel declines although its capabilities claim it is a failure")
     certify.set_defaults(run=_cmd_certify)
+
+    one = commands.add_parser("check", help="judge one given case (a case.json) with both tiers")
+    one.add_argument("impl", nargs="?", help="registered name or package.module:attr")
+    one.add_argument("--case", required=True, help="a counterexample's case.json, or a file with the case dict")
+    one.add_argument("--device", help="build the case on this device instead of the recorded one")
+    one.add_argument("--property", action="append", choices=[p.name for p in DECODE_PROPERTIES],
+                     help="judge by this property only (repeatable; default: all)")
+    one.set_defaults(run=_cmd_check)
 
     replay = commands.add_parser("replay", help="rerun a saved counterexample; exit 1 while it fails")
     replay.add_argument("path")

@@ -34,6 +34,7 @@ __all__ = [
     "Capabilities",
     "DecodeKernel",
     "MissingDependency",
+    "Declined",
     "declare",
     "capabilities_of",
     "declares_capabilities",
@@ -52,6 +53,13 @@ class MissingDependency(ImportError):
         super().__init__(f"{library} is not installed: {install}")
         self.library = library
         self.install = install
+
+
+class Declined(Exception):
+    """Raised by a kernel (or its adapter) that cleanly refuses a case it cannot run, e.g. a planner's
+    "unsupported" error. The certifier counts declined cases with their reasons and keeps searching;
+    NotImplementedError is read the same way. `--strict` fails a kernel that declines a case inside
+    its declared capabilities."""
 
 
 class DecodeKernel(Protocol):
@@ -80,6 +88,14 @@ class Capabilities:
     strided_cache: bool = True
     # Type of the score and P·V accumulators; None: float32 (float64 for float64 inputs).
     accumulation_dtype: torch.dtype | None = None
+    # Type the probabilities P are rounded to before the P·V product; None: the input type (what
+    # FlashMLA and vLLM's Triton MLA do). Declaring float32 tightens both tiers.
+    p_dtype: torch.dtype | None = None
+    # Partial results (split-KV splits, cascade levels, context-parallel ranks) rounded to this type
+    # before they are merged, and how many are merged at most; None: partials stay in the
+    # accumulation type (a single rounding of the output).
+    partials_dtype: torch.dtype | None = None
+    merged_partials: int = 1
 
     def __post_init__(self) -> None:
         if not self.dtypes:
@@ -90,6 +106,13 @@ class Capabilities:
             raise ValueError(f"empty_row_lse must be -inf or +inf; got {self.empty_row_lse!r}")
         if self.max_s_q < 1 or self.max_heads < 1:
             raise ValueError("max_s_q and max_heads must be >= 1")
+        if isinstance(self.merged_partials, bool) or not isinstance(self.merged_partials, int) \
+                or self.merged_partials < 1:
+            raise ValueError(f"merged_partials must be an int >= 1; got {self.merged_partials!r}")
+        for name in ("accumulation_dtype", "p_dtype", "partials_dtype"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+                raise TypeError(f"{name} must be a floating torch.dtype or None; got {value!r}")
 
     def replace(self, **changes: object) -> Capabilities:
         return dataclasses.replace(self, **changes)
@@ -98,6 +121,12 @@ class Capabilities:
         if self.accumulation_dtype is not None:
             return self.accumulation_dtype
         return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+    def p_rounding_for(self, input_dtype: torch.dtype) -> torch.dtype:
+        """The type P is rounded to before P·V (never finer than the accumulation type)."""
+        declared = self.p_dtype if self.p_dtype is not None else input_dtype
+        accumulation = self.accumulation_for(input_dtype)
+        return declared if torch.finfo(declared).eps >= torch.finfo(accumulation).eps else accumulation
 
     def supports_heads(self, h_q: int) -> bool:
         if self.head_counts is not None:

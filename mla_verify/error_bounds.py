@@ -28,7 +28,51 @@ lse: lse is 1-Lipschitz in the scores' max-norm, so |Δlse| ≤ E + log(1 + u_ex
 Every term is a worst-case (not probabilistic) bound, so a correct kernel never exceeds it; the
 terms scale with the case (d, L, |q||k|, the spread and size of V, the types), so a scale off by
 0.5 %, an lse in base 2 or rounded through bf16, or P·V accumulated in float16 on float32 inputs
-exceed it.
+exceed it. Two refinements keep it sound and make it tighter: the softmax term is also at most
+ρ·Σ_t p_t|v_tc| (each |Δp_t| ≤ ρ·p_t), and the lse's score term is also at most
+e^{2E}·Σ_t p_t·err_t (the mean-value form Δlse = Σ_t p̃_t·δs_t with p̃_t ≤ e^{2E}·p_t). A kernel
+that declares partials rounded to a type (split-KV, cascade or context-parallel merges) gets
+u_part·Σ_t p_t|v_tc| more: a convex combination of partials each rounded relatively by u_part.
+
+THE SHARP TIER (`sharp`). The worst case above assumes every rounding error takes its extreme value
+with the same sign; at serving shapes that is ~10³ times what a correct kernel does, and a dropped
+token at 16k, a scale off by 10⁻³ or P·V summed in bf16 hide inside it. The sharp tier keeps the
+deterministic pieces and replaces the sums of many rounding errors by their probabilistic size
+(Higham & Mary, "A new approach to probabilistic rounding error analysis", 2019): rounding errors
+of *distinct* operations are modelled as independent and mean-zero, each bounded by its
+worst case. Identical keys give identical rounding (a kernel computes the same dot product the same
+way), so keys are first grouped by value: g runs over distinct keys, P_g = Σ_{t∈g} p_t, w_g = v_g − o.
+Per row (b, s_q, h), with λ = 8 (a Hoeffding tail of 2·e^{-32}):
+
+- lse. Score errors: each |δs_g| ≤ c_g = γ_d·S_g + 4u_a|s_g| (S_g = scale·Σ_j|q_j||k_gj|), summed
+  with weights P_g: λ·sqrt(Σ_g P_g²c_g²) (Hoeffding over independent keys). Tensor cores truncate
+  instead of rounding, a one-signed error when the products share a sign: at most 2u_a per
+  16-wide MMA step of |s_g|, a bias (d/8)·u_a·Σ_g P_g|s_g| that does not average out. The row sum:
+  λ·u_a·√n (n visible keys; each addition errs by ≤ u_a of the total). Log, base change, the max
+  added back and the float32 store as in the sound tier: 6u_a(|lse| + max|s|) + u_lse|lse|.
+- out, as the Euclidean norm over the head_dim_v columns of the row (an aggregate: an element-wise
+  tolerance must cover the worst element, a norm only the typical one):
+  - the output rounding, deterministic: sqrt(Σ_c h_c²), h_c half an ulp of o_c in the output type;
+  - P rounded to the P type (u_p) before P·V: Σ_g P_g·ε_g·v_g = ε̄·o + Σ_g P_g·ε_g·w_g with
+    ε̄ = Σ P_g ε_g. |ε̄| ≤ u_p·min(1, λ·sqrt(Σ_g P_g²)) (Hoeffding; 1 when one key dominates or all
+    keys are equal), and the centred sum is a sum of independent random vectors with
+    E‖·‖² ≤ u_p²·Σ_g P_g²‖w_g‖²: allowed κ = 2 times that root mean square, never more than the
+    deterministic u_p·Σ_g P_g‖w_g‖ (which is what a few dominant keys can reach);
+  - score errors through the softmax, Δo = Σ_g P_g(δs_g − δ̄)·w_g: the same vector-sum form with
+    c_g in place of u_p (independent part), plus the truncation bias (d/8)·u_a·Σ_g P_g|s_g|‖w_g‖;
+  - the P·V accumulation and the normaliser: λ·u_a·√n·‖o‖ each (partial sums of a random-order
+    sequence are of the size of the result), and for a kernel that normalises by exp(−lse) the
+    lse's own log/max/store error (6u_a(|lse| + max|s|) + u_lse|lse| + log(1 + u_exp)) times ‖o‖;
+  - declared partials (N merged, each rounded by u_part): u_part·(‖o‖ + N·sqrt(Σ_g P_g²‖v_g‖²)),
+    capped by the deterministic u_part·Σ_g P_g‖v_g‖.
+  The sharp out tolerance is the sum of these, and never exceeds the norm of the sound bound.
+
+The sharp tier is statistical: it assumes rounding errors of different keys do not conspire. It was
+validated, not proved: ≥ 10⁵ generated cases of correct kernels (the project's own, and legitimate
+variants: online exp2 softmax with P in bf16, split-KV with 16 splits and bf16 partials, reverse
+summation order) never exceeded it, and on the H200 the Triton kernel and vLLM's stayed well inside
+(BENCHMARKS.md has the numbers). The sound tier stays the proof; a sharp-tier failure says "no
+correct kernel we know of does this", with the ratio.
 """
 
 from __future__ import annotations
@@ -40,10 +84,17 @@ import torch
 
 from mla_verify.reference import PagedDecodeTerms
 
-__all__ = ["unit_roundoff", "smallest_subnormal", "gamma", "DecodeBounds", "decode_bounds"]
+__all__ = ["unit_roundoff", "smallest_subnormal", "gamma", "TAIL", "RoundingModel", "DecodeBounds",
+           "decode_bounds"]
 
 F64 = torch.float64
 EXP_RELATIVE_ERROR = {torch.float32: 2.0 ** -21, torch.float64: 2.0 ** -50}
+# Hoeffding tail factor of the sharp tier: P(|sum| > TAIL·sqrt(Σ c²)) ≤ 2·exp(-TAIL²/2) = 2.5e-14.
+TAIL = 8.0
+# The centred random-vector sums of the sharp tier are allowed this many times their root mean square.
+VECTOR_SPREAD = 2.0
+# Largest width of one tensor-core MMA step over the contraction (bf16/fp16 k = 16 on Hopper).
+MMA_STEP = 16
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -64,32 +115,61 @@ def gamma(n: int | torch.Tensor, u: float) -> float | torch.Tensor:
     return nu / (1 - nu) if nu < 1 else math.inf
 
 
+@dataclass(frozen=True)
+class RoundingModel:
+    """The types a correct kernel rounds through (from its declared capabilities)."""
+
+    input: torch.dtype
+    accumulation: torch.dtype
+    output: torch.dtype
+    p: torch.dtype
+    partials: torch.dtype | None = None
+    merged_partials: int = 1
+
+    @classmethod
+    def of(cls, capabilities, input_dtype: torch.dtype) -> RoundingModel:
+        return cls(input=input_dtype, accumulation=capabilities.accumulation_for(input_dtype), output=input_dtype,
+                   p=capabilities.p_rounding_for(input_dtype), partials=capabilities.partials_dtype,
+                   merged_partials=capabilities.merged_partials)
+
+
 @dataclass
 class DecodeBounds:
-    """Per-element bounds: out [b, s_q, h, head_dim_v] and lse [b, h, s_q], float64 (natural log)."""
+    """Sound per-element bounds out [b, s_q, h, head_dim_v] and lse [b, h, s_q]; sharp tolerances
+    sharp_out [b, s_q, h] (on the row's Euclidean error norm) and sharp_lse [b, h, s_q]. float64,
+    natural log; 0 on rows that see no key (checked exactly)."""
 
     out: torch.Tensor
     lse: torch.Tensor
+    sharp_out: torch.Tensor
+    sharp_lse: torch.Tensor
 
 
 def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float, head_dim_v: int,
-                  input_dtype: torch.dtype, accumulation_dtype: torch.dtype,
-                  output_dtype: torch.dtype) -> DecodeBounds:
-    """Bounds on |out − out_ref| and |lse − lse_ref| for one case (see the module docstring)."""
+                  model: RoundingModel) -> DecodeBounds:
+    """Both tiers for one case (see the module docstring)."""
+    b, s_q, h = terms.scores.shape[:3]
     if terms.rows.shape[1] == 0:  # no sequence has a key: every row is checked exactly
-        return DecodeBounds(out=torch.zeros_like(terms.out), lse=torch.zeros_like(terms.lse))
-    u_a = unit_roundoff(accumulation_dtype)
-    u_in, tiny_in = unit_roundoff(input_dtype), smallest_subnormal(input_dtype) / 2
-    u_out, tiny_out = unit_roundoff(output_dtype), smallest_subnormal(output_dtype) / 2
-    u_exp = EXP_RELATIVE_ERROR.get(accumulation_dtype, 4 * u_a)
+        zeros = torch.zeros(b, s_q, h, dtype=F64, device=terms.out.device)
+        return DecodeBounds(out=torch.zeros_like(terms.out), lse=torch.zeros_like(terms.lse), sharp_out=zeros,
+                            sharp_lse=zeros.permute(0, 2, 1).contiguous())
+    u_a = unit_roundoff(model.accumulation)
+    u_in, tiny_in = unit_roundoff(model.input), smallest_subnormal(model.input) / 2
+    u_out, tiny_out = unit_roundoff(model.output), smallest_subnormal(model.output) / 2
+    u_p = unit_roundoff(model.p)
+    u_part = unit_roundoff(model.partials) if model.partials is not None else 0.0
+    u_exp = EXP_RELATIVE_ERROR.get(model.accumulation, 4 * u_a)
+    u_lse = unit_roundoff(torch.float32)
     d = q.shape[-1]
     lengths = terms.valid.sum(-1).to(F64)  # [b]
-    rows, visible = terms.rows, terms.visible
+    rows, visible, p, scores = terms.rows, terms.visible, terms.p, terms.scores
     values = rows[..., :head_dim_v]
 
-    abs_dot = torch.einsum("bshd,btd->bsht", q.to(F64).abs(), rows.abs()) * abs(softmax_scale)
-    score_error = gamma(d, u_a) * abs_dot + 4 * u_a * _masked_max(terms.scores.abs(), visible)[..., None]
-    max_abs_score = _masked_max(terms.scores.abs(), visible)  # [b, s, h]
+    # --- the sound tier -------------------------------------------------------------------------
+    abs_dot = torch.einsum("bshd,btd->bsht", q.to(F64).abs(), rows.abs()) * abs(softmax_scale)  # S_t
+    abs_scores = scores.abs()
+    max_abs_score = _masked_max(abs_scores, visible)  # [b, s, h]
+    score_error = gamma(d, u_a) * abs_dot + 4 * u_a * max_abs_score[..., None]
     E = _masked_max(score_error, visible)  # [b, s, h]
     eta = (1 + u_exp) * torch.exp(E) - 1
     rho = torch.where(eta < 1, 2 * eta / (1 - eta), torch.full_like(eta, math.inf))
@@ -100,24 +180,104 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     valid_values = terms.valid[..., None]
     spread = (torch.where(valid_values, values, neg_inf).amax(1) + torch.where(valid_values, -values, neg_inf).amax(1))
     spread = torch.where(torch.isfinite(spread), spread, torch.zeros_like(spread))  # [b, c]; 0 when empty
-    A = torch.clamp(rho, max=2.0)[..., None] * 0.5 * spread[:, None, None, :]
+    weighted_abs = torch.einsum("bsht,btc->bshc", p, values.abs())  # Σ_t p_t|v_tc|
+    A = torch.minimum(torch.clamp(rho, max=2.0)[..., None] * 0.5 * spread[:, None, None, :],
+                      rho[..., None] * weighted_abs)
     B = nu[..., None] * (terms.out.abs() + A)
-    weighted_abs = torch.einsum("bsht,btc->bshc", terms.p, values.abs())
     sum_abs = values.abs().sum(1)[:, None, None, :]  # [b, 1, 1, c]
-    C = ((u_in + gamma(lengths + 2, u_a)[:, None, None, None]) * (1 + rho[..., None]) * (1 + nu[..., None])
+    C = ((u_p + u_part + gamma(lengths + 2, u_a)[:, None, None, None]) * (1 + rho[..., None]) * (1 + nu[..., None])
          * weighted_abs + tiny_in * sum_abs)
     pre = A + B + C
     out_bound = pre + u_out * (terms.out.abs() + pre) + tiny_out
 
     lse_ref = terms.lse.permute(0, 2, 1)  # [b, s, h]
     finite_lse = torch.where(torch.isfinite(lse_ref), lse_ref.abs(), torch.zeros_like(lse_ref))
-    u_lse = unit_roundoff(torch.float32)
-    lse_bound = (E + math.log1p(u_exp) + gamma_sum + 6 * u_a * (finite_lse + max_abs_score) + u_lse * finite_lse)
+    weighted_score_error = torch.exp(2 * E) * (p * score_error).sum(-1)
+    deterministic_lse = 6 * u_a * (finite_lse + max_abs_score) + u_lse * finite_lse
+    lse_bound = torch.minimum(E, weighted_score_error) + math.log1p(u_exp) + gamma_sum + deterministic_lse
+
+    # --- the sharp tier -------------------------------------------------------------------------
+    keys = _distinct_keys(rows, terms.valid)
+    c = gamma(d, u_a) * abs_dot + 4 * u_a * abs_scores  # per-score worst case c_t
+    bias = (math.ceil(d / MMA_STEP) * 2 * u_a) * abs_scores  # one-signed truncation, per score
+    P2 = keys.squared_group_mass(p)  # P_g·p_t: Σ_t P_{g(t)}·p_t·f_t = Σ_g P_g²·f_g
+    n = lengths[:, None, None]
+    sharp_lse = ((p * bias).sum(-1) + TAIL * (P2 * c * c).sum(-1).sqrt() + TAIL * u_a * n.sqrt()
+                 + math.log1p(u_exp) + deterministic_lse)
+
+    o = terms.out
+    o_norm = o.norm(dim=-1)  # [b, s, h]
+    v_sq = (values * values).sum(-1)  # [b, t]
+    v_dot_o = torch.einsum("btc,bshc->bsht", values, o)
+    w_norm = (v_sq[:, None, None, :] - 2 * v_dot_o + (o_norm ** 2)[..., None]).clamp_min(0).sqrt()  # ‖v_t − o‖
+    mass_sq = P2.sum(-1)  # Σ_g P_g²
+
+    def vector_sum(scale_per_key: torch.Tensor) -> torch.Tensor:
+        """Size of Σ_g P_g·x_g·w_g for independent mean-zero |x_g| ≤ scale_g: κ·RMS, capped by the worst case."""
+        rms = (P2 * (scale_per_key * w_norm) ** 2).sum(-1).sqrt()
+        worst = (p * scale_per_key * w_norm).sum(-1)
+        return torch.minimum(VECTOR_SPREAD * rms, worst)
+
+    ones = torch.ones_like(p)
+    p_rounding = u_p * torch.clamp(TAIL * mass_sq.sqrt(), max=1.0) * o_norm + vector_sum(u_p * ones)
+    through_softmax = vector_sum(c) + (p * bias * w_norm).sum(-1)
+    # P·V partial sums, and the normaliser: a kernel divides by its own row sum or multiplies by
+    # exp(−lse) of its own lse, whose error beyond the score average is the lse's sum/log/store terms
+    accumulation = (2 * TAIL * u_a * n.sqrt() + math.log1p(u_exp) + deterministic_lse) * o_norm
+    partials = torch.zeros_like(o_norm)
+    if u_part:
+        spread_partials = o_norm + model.merged_partials * (P2 * v_sq[:, None, None, :]).sum(-1).sqrt()
+        partials = u_part * torch.minimum(spread_partials, (p * v_sq.sqrt()[:, None, None, :]).sum(-1))
+    sharp_pre = p_rounding + through_softmax + accumulation + partials
+    half_ulp = _half_ulp(o.abs() * (1 + 4 * u_out) + sharp_pre[..., None] / math.sqrt(head_dim_v), model.output)
+    sharp_out = (half_ulp ** 2).sum(-1).sqrt() + sharp_pre * (1 + u_out) + tiny_out * math.sqrt(head_dim_v)
+
     # Rows with nothing visible are checked exactly (out 0, lse ∓inf); their bound is 0.
-    has_key = visible.expand_as(terms.scores).any(-1)  # [b, s, h]
-    out_bound = torch.where(has_key[..., None], out_bound, torch.zeros_like(out_bound))
-    lse_bound = torch.where(has_key, lse_bound, torch.zeros_like(lse_bound))
-    return DecodeBounds(out=out_bound, lse=lse_bound.permute(0, 2, 1).contiguous())
+    has_key = visible.expand_as(scores).any(-1)  # [b, s, h]
+    zero = torch.zeros((), dtype=F64, device=rows.device)
+    out_bound = torch.where(has_key[..., None], out_bound, zero)
+    lse_bound = torch.where(has_key, lse_bound, zero)
+    sharp_out = torch.where(has_key, torch.minimum(sharp_out, out_bound.norm(dim=-1)), zero)
+    sharp_lse = torch.where(has_key, torch.minimum(sharp_lse, lse_bound), zero)
+    return DecodeBounds(out=out_bound, lse=lse_bound.permute(0, 2, 1).contiguous(), sharp_out=sharp_out,
+                        sharp_lse=sharp_lse.permute(0, 2, 1).contiguous())
+
+
+@dataclass
+class _DistinctKeys:
+    """Which cache rows of a sequence are bit-identical: group [b, t] (an id per distinct key)."""
+
+    group: torch.Tensor | None  # None: every valid key is distinct
+
+    def squared_group_mass(self, p: torch.Tensor) -> torch.Tensor:
+        """[b, s, h, t]: P_{g(t)}·p_t, so that Σ_t of it times f_t is Σ_g P_g²·f_g for f constant on groups."""
+        if self.group is None:
+            return p * p
+        index = self.group[:, None, None, :].expand_as(p)
+        mass = torch.zeros_like(p).scatter_add_(-1, index, p)
+        return torch.gather(mass, -1, index) * p
+
+
+def _distinct_keys(rows: torch.Tensor, valid: torch.Tensor) -> _DistinctKeys:
+    # a random projection tells distinct rows apart with probability 1, and equal rows stay equal
+    probe = torch.randn(rows.shape[-1], generator=torch.Generator().manual_seed(0), dtype=F64).to(rows.device)
+    fingerprint = rows @ probe  # [b, t]
+    t = rows.shape[1]
+    groups, repeated = [], False
+    for row in range(rows.shape[0]):
+        length = int(valid[row].sum())  # valid slots are a prefix
+        _, inverse, counts = torch.unique(fingerprint[row, :length], return_inverse=True, return_counts=True)
+        repeated = repeated or bool((counts > 1).any())
+        # slots past the length (p = 0) get groups of their own
+        groups.append(torch.cat((inverse, counts.shape[0] + torch.arange(t - length, device=rows.device))))
+    return _DistinctKeys(torch.stack(groups) if repeated else None)
+
+
+def _half_ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half a unit in the last place of `dtype` at each magnitude (≤ u·magnitude), normals only."""
+    info = torch.finfo(dtype)
+    exponent = torch.floor(torch.log2(magnitude.clamp_min(info.smallest_normal)))
+    return unit_roundoff(dtype) * torch.exp2(exponent)
 
 
 def _masked_max(x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ def hypothesis_settings(profile: Profile, max_examples: int | None = None) -> se
     return settings(parent, max_examples=max_examples or profile.max_examples, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.function_scoped_fixture],
-                    report_multiple_bugs=False, phases=phases, print_blob=True)
+                    report_multiple_bugs=True, phases=phases, print_blob=True)
 
 
 def register_profiles() -> None:

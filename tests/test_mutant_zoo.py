@@ -41,8 +41,9 @@ class Run:
     seconds: float
 
     @property
-    def case(self) -> DecodeCase:
-        return DecodeCase.from_dict(self.report.failure["case"])
+    def cases(self) -> list[DecodeCase]:
+        """The minimal case of each distinct failure."""
+        return [DecodeCase.from_dict(failure["case"]) for failure in self.report.failures]
 
 
 _runs: dict[str, Run] = {}
@@ -86,16 +87,16 @@ def _run(impl: Implementation, prop_name: str) -> Run:
     return _runs[key]
 
 
-def _small(case: DecodeCase, max_heads: int) -> list[str]:
+def _small(case: DecodeCase, kernel: zoo.ZooKernel) -> list[str]:
     """What makes the shrunk case larger than a person should have to read."""
     problems = []
     if case.batch > 2:
         problems.append(f"batch {case.batch} > 2")
-    if case.heads > max_heads:
-        problems.append(f"heads {case.heads} > {max_heads}")
+    if case.heads > kernel.max_heads:
+        problems.append(f"heads {case.heads} > {kernel.max_heads}")
     if case.s_q > 2:
         problems.append(f"s_q {case.s_q} > 2")
-    longest = max(2 * case.page_size + 1, 130)
+    longest = max(2 * case.page_size + 1, 130, kernel.min_length + 2 * case.page_size)
     if any(n > longest for n in case.lengths):
         problems.append(f"lengths {list(case.lengths)} exceed {longest}")
     return problems
@@ -116,13 +117,15 @@ def test_mutant_is_caught(kernel):
     assert report.verdict == "fail", (
         f"{kernel.name} was NOT caught by {kernel.prop} in {report.examples} examples "
         f"(max error/bound {report.max_ratio:.3g})")
-    kind = FailureKind(report.failure["kind"])
-    assert kind in kernel.kinds, (
-        f"{kernel.name} caught as {kind.name}, expected one of {sorted(k.name for k in kernel.kinds)}: "
-        f"{report.failure['message']}")
-    case = run.case
-    problems = _small(case, kernel.max_heads)
-    assert not problems, f"{kernel.name} shrank only to {case.describe()}: {'; '.join(problems)}"
+    found = [f"{failure['signature']}: {failure['message']}" for failure in report.failures]
+    assert len(report.failures) >= kernel.distinct, (
+        f"{kernel.name} has {kernel.distinct} independent bugs, the run reported {len(found)}: {found}")
+    for failure, case in zip(report.failures, run.cases):
+        kind = FailureKind(failure["kind"])
+        assert kind in kernel.kinds, (
+            f"{kernel.name} caught as {kind.name}, expected one of {sorted(k.name for k in kernel.kinds)}: {found}")
+        problems = _small(case, kernel)
+        assert not problems, f"{kernel.name} shrank only to {case.describe()}: {'; '.join(problems)}"
 
 
 @pytest.mark.parametrize("kernel", [k for k in zoo.ZOO if k.benign is not None], ids=lambda kernel: kernel.name)
@@ -141,7 +144,7 @@ def test_head_tail_shrinks_to_the_first_partial_group():
     kernel = next(k for k in zoo.ZOO if k.fn is zoo.heads.head_tail_dropped)
     run = _run(zoo.implementation(kernel.fn), kernel.prop)
     assert run.report.verdict == "fail"
-    assert run.case.heads == 17, run.case.describe()
+    assert [case.heads for case in run.cases] == [17], [case.describe() for case in run.cases]
 
 
 @pytest.mark.parametrize("prop_name", CONTROL_PROPERTIES)
@@ -149,7 +152,7 @@ def test_head_tail_shrinks_to_the_first_partial_group():
 def test_control_passes(control, prop_name):
     impl = resolve("torch") if control == "torch" else zoo.implementation(zoo.correct_decode, "zoo_template")
     report = _run(impl, prop_name).report
-    assert report.verdict == "pass", f"control {control} fails {prop_name}: {report.failure}"
+    assert report.verdict == "pass", f"control {control} fails {prop_name}: {report.failures}"
     assert report.examples >= PROFILE.max_examples
 
 
@@ -174,8 +177,9 @@ def _write_summary(reporter) -> None:
     for key, run in _runs.items():
         report = run.report
         total += run.seconds
-        kind = report.failure["kind"] if report.failure else ""
-        case = run.case.describe() if report.failure else f"max error/bound {report.max_ratio:.3g}"
+        kind = " + ".join(failure["kind"] for failure in report.failures)
+        case = (" | ".join(c.describe() for c in run.cases) if report.failures
+                else f"max error/bound {report.max_ratio:.3g} (sound), {report.max_sharp_ratio:.3g} (sharp)")
         first = "" if run.first_failure_at is None else str(run.first_failure_at)
         reporter.write_line(f"{key.split(':')[-1]:48} {report.verdict:7} {kind[:36]:36} {first:>8} "
                             f"{report.examples:>8} {run.seconds:7.1f}  {case}")

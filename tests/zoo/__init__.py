@@ -35,6 +35,8 @@ class ZooKernel:
     # evidence that each mutant is a targeted bug rather than a broken kernel
     benign: dict | None = None
     max_heads: int = 16  # the shrunk case needs no more heads (unless the bug is about heads)
+    distinct: int = 1  # independent bugs in the kernel, each to be reported with its own case
+    min_length: int = 0  # the shortest sequence on which the bug shows (serving-scale bugs)
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
