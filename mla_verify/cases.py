@@ -6,7 +6,10 @@
   block-table entries hold an id far out of range (int32 max): a kernel that reads any of them
   shows it.
 - With strided_cache the cache is a view [..., :d] of a wider buffer whose extra columns are
-  canaries; q is the middle of a flat buffer with canaries on both sides. Snapshots of every
+  canaries; with pooled_cache it is one layer of a pool of three (a view at a nonzero storage
+  offset, the other layers canaries); with sliced_block_table the table is a column slice of a
+  wider one. q is the middle of a flat buffer with canaries on both sides, or a slice of a fused
+  [q | canaries] projection, or the transpose of a [b, h, s_q, d] tensor. Snapshots of every
   buffer taken before the call tell an input modified (inside a tensor) from an out-of-bounds
   write (in a canary).
 """
@@ -25,6 +28,7 @@ __all__ = ["OUT_OF_RANGE_BLOCK", "DecodeInputs", "build_inputs", "sequence_value
 OUT_OF_RANGE_BLOCK = 2**31 - 1
 CANARY_COLUMNS = 8
 CANARY_ELEMENTS = 64
+POOLED_LAYERS = 3
 F64 = torch.float64
 
 
@@ -45,20 +49,37 @@ def sequence_values(case: DecodeCase, row: int, seed: int | None = None) -> tupl
         q, keys = q / 64, keys * 64
     elif case.regime == "constant_keys":
         keys = keys[:1].expand(length, d).clone() if length else keys
-    elif case.regime in ("extreme_positive", "extreme_negative"):
-        # keys cluster around one direction; q points along it so every logit is about ±300,
-        # with a spread of order one among them
+    elif case.regime in ("extreme_positive", "extreme_negative", "below_sentinel"):
+        # keys cluster around one direction; q points along it so every logit is about ±300 (or
+        # below -5e4, under the finite "-infinity" sentinels some kernels use), with a spread of
+        # order one (±300) among them
         direction = torch.randn(d, generator=g, dtype=F64)
         keys = direction + 0.05 * keys
-        sign = 1.0 if case.regime == "extreme_positive" else -1.0
-        strength = sign * 300.0 / (scale * float(direction @ direction))
-        q = strength * direction + 0.05 * q
+        logit = {"extreme_positive": 300.0, "extreme_negative": -300.0, "below_sentinel": -6.0e4}[case.regime]
+        strength = logit / (scale * float(direction @ direction))
+        q = strength * direction + 0.05 * q * (1.0 if case.regime != "below_sentinel" else 0.0)
+    elif case.regime == "large_q":
+        # |q| around 100 per element: split-KV lse merges have overflowed here
+        q = q * 100.0
+    elif case.regime == "late_outlier" and length:
+        # one key far above all others (logit +30 for head 0's first query), late in the sequence
+        at = length - 1 - int(torch.randint(max(length // 8, 1), (1,), generator=g))
+        q0 = q[0, 0]
+        keys[at] = keys[at] + 30.0 / (scale * float(q0 @ q0)) * q0
+    elif case.regime == "shifted_maxima":
+        # a common key component; heads and batch rows see it with logit offsets of -100, 0, +100,
+        # so their maxima differ by 100 or more (a max shared across heads or rows underflows)
+        direction = torch.randn(d, generator=g, dtype=F64)
+        keys = keys + 0.5 * direction
+        offsets = 100.0 * ((torch.arange(case.heads, dtype=F64) + row) % 3 - 1)  # [h]
+        q = q + (offsets / (scale * 0.5 * float(direction @ direction)))[None, :, None] * direction
     return q, keys
 
 
 @dataclass
 class DecodeInputs:
-    """The contract's arguments plus the buffers they live in, for integrity checks."""
+    """The contract's arguments plus the buffers they live in, for integrity checks; `logical`
+    marks, per buffer, the elements that belong to the argument (the rest are canaries)."""
 
     case: DecodeCase
     q: torch.Tensor
@@ -67,6 +88,8 @@ class DecodeInputs:
     cache_seqlens: torch.Tensor
     q_buffer: torch.Tensor
     cache_buffer: torch.Tensor
+    table_buffer: torch.Tensor
+    logical: dict[str, torch.Tensor]
 
     @property
     def arguments(self) -> tuple:
@@ -74,7 +97,7 @@ class DecodeInputs:
         return (self.q, self.kv_cache, self.block_table, self.cache_seqlens, c.head_dim_v, c.softmax_scale)
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        return {"q": self.q_buffer, "kv_cache": self.cache_buffer, "block_table": self.block_table,
+        return {"q": self.q_buffer, "kv_cache": self.cache_buffer, "block_table": self.table_buffer,
                 "cache_seqlens": self.cache_seqlens}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -87,22 +110,12 @@ class DecodeInputs:
             changed = _bitwise_changed(before[name], now)
             if not changed.any():
                 continue
-            inside = self._logical_mask(name, now)
+            inside = self.logical[name]
             if (changed & inside).any():
                 modified.append(name)
             if (changed & ~inside).any():
                 out_of_bounds.append(name)
         return modified, out_of_bounds
-
-    def _logical_mask(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(buffer.shape, dtype=torch.bool, device=buffer.device)
-        if name == "q":
-            mask[CANARY_ELEMENTS:CANARY_ELEMENTS + self.q.numel()] = True
-        elif name == "kv_cache":
-            mask[..., :self.case.d] = True
-        else:
-            mask[...] = True
-        return mask
 
 
 def _bitwise_changed(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -127,25 +140,60 @@ def build_inputs(case: DecodeCase, redraw_rows: dict[int, int] | None = None,
     physical = torch.randperm(num_blocks, generator=layout) if case.permute_pages else torch.arange(num_blocks)
 
     width = d + CANARY_COLUMNS if case.strided_cache else d
-    cache_buffer = torch.full((num_blocks, page, 1, width), math.nan, dtype=F64)
-    block_table = torch.full((b, max_blocks), OUT_OF_RANGE_BLOCK, dtype=torch.int32)
+    layers = POOLED_LAYERS if case.pooled_cache else 1
+    pool = torch.full((layers, num_blocks, page, 1, width), math.nan, dtype=F64)
+    cache_buffer = pool[layers // 2]
+    table_offset = 1 if case.sliced_block_table else 0
+    table_buffer = torch.full((b, max_blocks + 2 * table_offset), OUT_OF_RANGE_BLOCK, dtype=torch.int32)
+    block_table = table_buffer[:, table_offset:table_offset + max_blocks]
     q = torch.empty(b, case.s_q, case.heads, d, dtype=F64)
     next_block = 0
     for row in range(b):
         q_row, keys = sequence_values(case, row, redraw_rows.get(row))
         q[row] = q_row
-        for j in range(blocks_per_row[row]):
-            block = int(physical[next_block])
-            next_block += 1
-            block_table[row, j] = block
-            chunk = keys[j * page:(j + 1) * page]
-            cache_buffer[block, :chunk.shape[0], 0, :d] = chunk
+        count = blocks_per_row[row]
+        blocks = physical[next_block:next_block + count]
+        next_block += count
+        block_table[row, :count] = blocks.to(torch.int32)
+        padded = torch.full((count * page, d), math.nan, dtype=F64)  # slots past the length stay NaN
+        padded[:keys.shape[0]] = keys
+        cache_buffer[blocks, :, 0, :d] = padded.view(count, page, d)
 
-    q_flat = torch.full((q.numel() + 2 * CANARY_ELEMENTS,), math.nan, dtype=dtype)
-    q_flat[CANARY_ELEMENTS:CANARY_ELEMENTS + q.numel()] = q.to(dtype).flatten()
-    q_flat = q_flat.to(case.device)
-    cache_buffer = cache_buffer.to(dtype).to(case.device)
-    q_view = q_flat[CANARY_ELEMENTS:CANARY_ELEMENTS + q.numel()].view(q.shape)
-    return DecodeInputs(case=case, q=q_view, kv_cache=cache_buffer[..., :d], block_table=block_table.to(case.device),
-                        cache_seqlens=torch.tensor(case.lengths, dtype=torch.int32, device=case.device),
-                        q_buffer=q_flat, cache_buffer=cache_buffer)
+    device = case.device
+    pool = pool.to(dtype).to(device)
+    cache_mask = torch.zeros(pool.shape, dtype=torch.bool, device=device)
+    cache_mask[layers // 2, ..., :d] = True
+    table_mask = torch.zeros(table_buffer.shape, dtype=torch.bool, device=device)
+    table_mask[:, table_offset:table_offset + max_blocks] = True
+    q_buffer, q_view, q_mask = _lay_out_query(q.to(dtype), case.q_layout)
+    q_buffer, q_mask = q_buffer.to(device), q_mask.to(device)
+    table_buffer = table_buffer.to(device)
+    return DecodeInputs(case=case, q=_same_view(q_view, q_buffer), kv_cache=pool[layers // 2][..., :d],
+                        block_table=table_buffer[:, table_offset:table_offset + max_blocks],
+                        cache_seqlens=torch.tensor(case.lengths, dtype=torch.int32, device=device),
+                        q_buffer=q_buffer, cache_buffer=pool, table_buffer=table_buffer,
+                        logical={"q": q_mask, "kv_cache": cache_mask, "block_table": table_mask,
+                                 "cache_seqlens": torch.ones(b, dtype=torch.bool, device=device)})
+
+
+def _lay_out_query(q: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(buffer, q as a view of it, mask of q's elements in the buffer) for one of the Q_LAYOUTS."""
+    if layout == "fused":  # sliced from a fused projection [q | other heads' columns]
+        buffer = torch.full((*q.shape[:-1], q.shape[-1] + CANARY_COLUMNS), math.nan, dtype=q.dtype)
+        buffer[..., :q.shape[-1]] = q
+        mask = torch.zeros(buffer.shape, dtype=torch.bool)
+        mask[..., :q.shape[-1]] = True
+        return buffer, buffer[..., :q.shape[-1]], mask
+    if layout == "transposed":  # [b, h, s_q, d] transposed to [b, s_q, h, d]
+        buffer = q.transpose(1, 2).contiguous()
+        return buffer, buffer.transpose(1, 2), torch.ones(buffer.shape, dtype=torch.bool)
+    buffer = torch.full((q.numel() + 2 * CANARY_ELEMENTS,), math.nan, dtype=q.dtype)
+    buffer[CANARY_ELEMENTS:CANARY_ELEMENTS + q.numel()] = q.flatten()
+    mask = torch.zeros(buffer.shape, dtype=torch.bool)
+    mask[CANARY_ELEMENTS:CANARY_ELEMENTS + q.numel()] = True
+    return buffer, buffer[CANARY_ELEMENTS:CANARY_ELEMENTS + q.numel()].view(q.shape), mask
+
+
+def _same_view(view: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """`view`'s geometry over `buffer` (the buffer moved to the case's device)."""
+    return buffer.as_strided(view.shape, view.stride(), view.storage_offset())

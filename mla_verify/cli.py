@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -113,27 +114,42 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from mla_verify.counterexample import load_counterexample, replay
+    from mla_verify.checks import CaseDeclined, CaseFailure
+    from mla_verify.counterexample import load_counterexample
+    from mla_verify.decode_properties import property_named
     from mla_verify.registry import ImplementationError, resolve
 
     path = Path(args.path)
     if not (path / "case.json").exists() and not (path.name == "case.json" and path.exists()):
         _stderr(f"mla-verify: {path} is not a counterexample folder (expected case.json inside)")
         return 2
-    meta = load_counterexample(path)
     try:
+        meta = load_counterexample(path)
         impl = resolve(args.impl or meta["implementation"])
-    except ImplementationError as error:
+    except (ValueError, ImplementationError) as error:
         _stderr(f"mla-verify: {error}")
         return 2
-    print(f"replaying {meta['property']} on {impl.name}: {meta['case'].describe()}")
-    print(f"recorded: {meta['kind']}: {meta['message']}")
-    failure = replay(path, impl)
-    if failure is None:
-        print("passes now")
-        return 0
-    print(f"still fails: {failure.finding.kind.value}: {failure.finding.message}")
-    return 1
+    prop = property_named(meta["property"])
+    print(f"replaying {prop.name} on {impl.name}: {meta['case'].describe()}")
+    print(f"recorded: {meta.get('signature', meta['kind'])}: {meta['message']}")
+    isolated = None
+    if args.isolate:
+        from mla_verify.certify import IsolatedRunner
+
+        isolated = IsolatedRunner()
+    try:
+        isolated.check(impl, prop, meta["case"]) if isolated else prop.check(impl, meta["case"])
+    except CaseDeclined as declined:
+        print(f"declined by the kernel: {declined.reason}")
+        return 1
+    except CaseFailure as failure:
+        print(f"still fails: {failure.finding.signature}: {failure.finding.message}")
+        return 1
+    finally:
+        if isolated:
+            isolated.close()
+    print("passes now")
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -189,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="rerun a saved counterexample; exit 1 while it fails")
     replay.add_argument("path")
     replay.add_argument("--impl", help="replay against another implementation than the recorded one")
+    replay.add_argument("--isolate", action="store_true", help="run the kernel in a child process (for crashes)")
     replay.set_defaults(run=_cmd_replay)
 
     listing = commands.add_parser("list", help="list registered implementations")
@@ -201,6 +218,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the current folder is importable, as under `python -m` and pytest: `certify my_kernel:decode`
+    # finds my_kernel.py where the user stands
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = _parser().parse_args(argv)
     return args.run(args)
 

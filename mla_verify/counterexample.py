@@ -1,23 +1,24 @@
-"""Counterexamples as self-contained artifacts: the case, its tensors, and a standalone repro.
+"""Counterexamples as self-contained artifacts: the case, its tensors, and a repro script.
 
 An artifact is a folder:
-    case.json   implementation, property, failure kind and message, the case description
-    inputs.pt   the exact tensors of each call (with their canary buffers), the float64 reference,
-                the per-element bounds and the implementation's declared conventions
-    repro.py    needs only torch and the implementation: `python repro.py` exits 1 while it fails
-`mla-verify replay PATH` rebuilds the case from its description and reruns the property.
+    case.json   implementation, property, failure signature, kind and message, the case description
+    inputs.pt   the exact arguments of each kernel call the property makes (views kept with their
+                buffers), the float64 reference and both tiers' bounds, for inspection
+    repro.py    `python repro.py` reruns the property on the case through mla_verify itself (the
+                same code the certifier ran, never a second copy of it): exit 0 passes now,
+                1 still fails, 2 cannot run
+`mla-verify replay PATH` does the same as repro.py; `mla-verify check IMPL --case PATH/case.json`
+judges the case by every property.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from mla_verify.cases import CANARY_ELEMENTS
 from mla_verify.checks import CaseFailure, Implementation, expected_for
 from mla_verify.decode_properties import property_named
 from mla_verify.strategies import DecodeCase
@@ -33,24 +34,19 @@ def save_counterexample(directory: str | Path, impl: Implementation, prop_name: 
     folder.mkdir(parents=True, exist_ok=True)
     calls = property_named(prop_name).calls(case)
     expected = expected_for(calls[0], impl.capabilities)
-    caps = impl.capabilities
     torch.save({
-        "calls": [{"q_buffer": c.q_buffer.cpu(), "q_shape": list(c.q.shape), "q_offset": CANARY_ELEMENTS,
-                   "cache_buffer": c.cache_buffer.cpu(), "d": case.d, "block_table": c.block_table.cpu(),
-                   "cache_seqlens": c.cache_seqlens.cpu()} for c in calls],
+        "calls": [{name: tensor.cpu() for name, tensor in zip(("q", "kv_cache", "block_table", "cache_seqlens"),
+                                                             c.arguments[:4])} for c in calls],
         "head_dim_v": case.head_dim_v, "softmax_scale": case.softmax_scale, "causal": case.causal,
-        "device": case.device, "property": prop_name,
-        "reference": {"out": expected.out.cpu(), "lse": expected.lse.cpu(), "out_bound": expected.out_bound.cpu(),
-                      "lse_bound": expected.lse_bound.cpu(), "has_key": expected.has_key.cpu()},
-        "lse_base": caps.lse_base, "empty_row_lse": caps.empty_row_lse, "deterministic": caps.deterministic,
+        "reference": {name: getattr(expected, name).cpu() for name in
+                      ("out", "lse", "out_bound", "lse_bound", "sharp_out", "sharp_lse", "has_key")},
     }, folder / "inputs.pt")
     (folder / "case.json").write_text(json.dumps({
         "implementation": impl.spec, "implementation_name": impl.name, "property": prop_name,
-        "kind": failure.finding.kind.value, "message": failure.finding.message, "case": case.to_dict(),
+        "signature": failure.finding.signature, "kind": failure.finding.kind.value,
+        "message": failure.finding.message, "case": case.to_dict(),
     }, indent=2) + "\n")
-    module, _, attr = impl.spec.partition(":")
-    (folder / "repro.py").write_text(_REPRO.format(module=module, attr=attr, case=case.describe(),
-                                                   kind=failure.finding.kind.value))
+    (folder / "repro.py").write_text(_REPRO.format(case=case.describe(), signature=failure.finding.signature))
     return folder
 
 
@@ -59,10 +55,16 @@ def _slug(name: str) -> str:
 
 
 def load_counterexample(path: str | Path) -> dict:
+    """case.json of an artifact folder (or the file itself), with the case as a DecodeCase;
+    ValueError naming the file when it is not one."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    meta = json.loads((folder / "case.json").read_text())
-    meta["case"] = DecodeCase.from_dict(meta["case"])
+    file = path / "case.json" if path.is_dir() else path
+    try:
+        meta = json.loads(file.read_text())
+        meta["case"] = DecodeCase.from_dict(meta["case"])
+        property_named(meta["property"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"{file} is not a readable counterexample case.json ({type(error).__name__}: {error})") from None
     return meta
 
 
@@ -76,71 +78,19 @@ def replay(path: str | Path, impl: Implementation) -> CaseFailure | None:
     return None
 
 
-_REPRO = '''"""Standalone repro of an mla_verify counterexample ({kind}).
+_REPRO = '''"""Repro of an mla_verify counterexample: {signature}.
 
 case: {case}
-Needs only torch and the implementation. Exits 1 while the implementation still fails.
+Reruns the property through mla_verify (the same check the certifier ran).
+Exit codes: 0 passes now, 1 still fails, 2 cannot run (mla_verify or the kernel cannot be imported).
 """
-import math
 import pathlib
 import sys
 
-import torch
+try:
+    from mla_verify.cli import main
+except ImportError as error:
+    sys.exit(print(f"cannot run: {{error}} (pip install mla-verify, or run from its checkout)", file=sys.stderr) or 2)
 
-from {module} import {attr} as kernel
-
-data = torch.load(pathlib.Path(__file__).with_name("inputs.pt"), weights_only=False)
-device = data["device"]
-
-
-def arguments(call):
-    q_buffer = call["q_buffer"].to(device)
-    numel = math.prod(call["q_shape"])
-    q = q_buffer[call["q_offset"]:call["q_offset"] + numel].view(call["q_shape"])
-    cache_buffer = call["cache_buffer"].to(device)
-    return (q, cache_buffer[..., :call["d"]], call["block_table"].to(device), call["cache_seqlens"].to(device),
-            data["head_dim_v"], data["softmax_scale"]), (q_buffer, cache_buffer)
-
-
-def run(call):
-    args, buffers = arguments(call)
-    before = [b.clone() for b in buffers]
-    out, lse = kernel(*args, causal=data["causal"])
-    for name, b0, b1 in zip(("q", "kv_cache"), before, buffers):
-        if not torch.equal(b0.view(torch.uint8), b1.view(torch.uint8)):
-            sys.exit(f"FAIL: the kernel wrote into {{name}} or its surrounding memory")
-    return out.double().cpu(), lse.double().cpu()
-
-
-outs = [run(call) for call in data["calls"]]
-if data["property"] != "matches_reference":
-    (out_a, lse_a), (out_b, lse_b) = outs
-    rows = slice(0, 1) if data["property"] == "rows_independent" else slice(None)
-    same = torch.equal(out_a[rows].nan_to_num(7.0), out_b[rows].nan_to_num(7.0)) and torch.equal(
-        lse_a[rows].nan_to_num(7.0), lse_b[rows].nan_to_num(7.0))
-    if not same:
-        sys.exit(f"FAIL ({{data['property']}}): the two calls differ by up to "
-                 f"{{(out_a[rows] - out_b[rows]).abs().max().item():.3g}}")
-    print("passes: the two calls agree")
-    sys.exit(0)
-
-out, lse = outs[0]
-ref = data["reference"]
-if data["lse_base"] == "2":
-    lse = lse * math.log(2)
-has_key = ref["has_key"]
-if (has_key[..., None] & ~out.isfinite()).any() or (has_key.permute(0, 2, 1) & ~lse.isfinite()).any():
-    sys.exit("FAIL: NaN/inf in rows that see keys")
-empty = ~has_key
-if (empty[..., None] & (out != 0)).any() or (empty.permute(0, 2, 1) & (lse != data["empty_row_lse"])).any():
-    sys.exit("FAIL: a row that sees no key must give out 0 and lse " + str(data["empty_row_lse"]))
-for name, got, want, bound, mask in (("out", out, ref["out"], ref["out_bound"], has_key[..., None]),
-                                     ("lse", lse, ref["lse"], ref["lse_bound"], has_key.permute(0, 2, 1))):
-    error = torch.where(mask, (got - want).abs(), torch.zeros_like(got))
-    ratio = torch.where(bound > 0, error / bound, torch.zeros_like(error))
-    if ratio.numel() and ratio.max() > 1:
-        at = tuple(int(i) for i in torch.unravel_index(ratio.argmax(), ratio.shape))
-        sys.exit(f"FAIL: |{{name}} - ref| / bound = {{ratio.max().item():.3g}} at {{list(at)}}: "
-                 f"{{got[at].item():.9g}} vs {{want[at].item():.9g}} (bound {{bound[at].item():.3g}})")
-print("passes: out and lse within their bounds")
+sys.exit(main(["replay", str(pathlib.Path(__file__).resolve().parent)] + sys.argv[1:]))
 '''

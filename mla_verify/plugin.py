@@ -63,6 +63,38 @@ def pytest_configure(config: pytest.Config) -> None:
                                config.getoption("--mla-device"), config.getoption("--mla-counterexamples"))]
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """After a property test failed: save an artifact for each distinct minimal failure (Hypothesis
+    raised them once more at the end, alone or as a group) and add the replay commands to the report."""
+    outcome = yield
+    if call.when != "call" or call.excinfo is None:
+        return
+    failures = _property_failures(call.excinfo.value)
+    if not failures:
+        return
+    from mla_verify.counterexample import save_counterexample
+
+    chosen, lines = selection(), []
+    impl = chosen.implementation()
+    for number, failure in enumerate(failures, 1):
+        folder = save_counterexample(chosen.counterexamples, impl, failure.property_name, failure)
+        lines.append(f"failure {number}/{len(failures)}: {failure.finding.signature}\n"
+                     f"  minimal case: {failure.case.describe()}\n  artifact: {folder}\n"
+                     f"  replay:   mla-verify replay {folder}\n  or:       python {folder}/repro.py")
+    outcome.get_result().sections.append(("mla_verify counterexamples", "\n".join(lines)))
+
+
+def _property_failures(error: BaseException) -> list:
+    from mla_verify.checks import CaseFailure
+
+    if isinstance(error, CaseFailure) and hasattr(error, "property_name"):
+        return [error]
+    if isinstance(error, BaseExceptionGroup):
+        return [failure for inner in error.exceptions for failure in _property_failures(inner)]
+    return []
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from mla_verify.registry import ImplementationError
 

@@ -26,13 +26,20 @@ class Profile:
     targeted: bool = False
 
 
+# Every profile draws a share of serving-scale cases (batches to 128, contexts to 32k tokens,
+# s_q to 8) under a work cap b·s_q·h·d·L that keeps the float64 reference within the profile's
+# time: on a CPU a 32k-token case then has few heads or a narrow width, on the GPU (thorough) any.
 PROFILES = {
-    "quick": Profile("quick", 25, CaseLimits(max_len=300, max_batch=3, max_s_q=3, max_work=10_000_000)),
-    "default": Profile("default", 100, CaseLimits(max_len=600, max_batch=4, max_s_q=4, max_work=40_000_000)),
-    # serving scale, sized for a GPU: batches up to 128 and contexts up to 32k tokens, the work cap
-    # trading one against the other (b=128 × h=128 × d=576 still reaches ~200 tokens)
+    "quick": Profile("quick", 25, CaseLimits(max_len=300, max_batch=3, max_s_q=3, max_work=10_000_000,
+                                             serving_share=0.1, serving_len=16384, serving_work=5_000_000)),
+    "default": Profile("default", 100, CaseLimits(max_len=600, max_batch=4, max_s_q=4, max_work=40_000_000,
+                                                  serving_share=0.2, serving_work=20_000_000)),
+    # serving scale, sized for a GPU: the work cap trades batch against length (b=128 × h=128 ×
+    # d=576 still reaches ~200 tokens; h=16 at b=4 reaches 32k)
     "thorough": Profile("thorough", 1000, CaseLimits(max_len=32768, max_batch=128, max_s_q=8,
-                                                     max_work=2_000_000_000), targeted=True),
+                                                     max_work=2_000_000_000, serving_share=0.5,
+                                                     serving_len=65536, serving_work=2_000_000_000),
+                        targeted=True),
 }
 
 

@@ -21,10 +21,15 @@ from mla_verify.contract import Capabilities
 __all__ = ["REGIMES", "DecodeCase", "CaseLimits", "decode_cases", "dtype_name", "case_supported", "mla_configs",
            "pinned_cases"]
 
-REGIMES = ("unit", "tiny", "large", "constant_keys", "extreme_positive", "extreme_negative")
-# the anchors' head counts, plus 17 (one past a 16-head group) and MiniCPM3's 40 / GLM's 20, so a
-# bug needing more than one head group shrinks to the first partial group
-SPECIAL_HEADS = (1, 3, 9, 16, 17, 20, 40, 63, 64, 65, 126, 128)
+REGIMES = ("unit", "tiny", "large", "constant_keys", "extreme_positive", "extreme_negative", "large_q",
+           "below_sentinel", "late_outlier", "shifted_maxima")
+# the anchors' head counts, plus 17 (one past a 16-head group), MiniCPM3's 40 / GLM's 20 (a bug
+# needing more than one head group shrinks to the first partial group) and 2, 4 (s_q == h hides
+# layout mix-ups)
+SPECIAL_HEADS = (1, 2, 3, 4, 9, 16, 17, 20, 40, 63, 64, 65, 126, 128)
+# how q reaches the kernel: contiguous, a slice of a fused [q | other] projection, or a transpose
+# of a [b, h, s_q, d] tensor
+Q_LAYOUTS = ("contiguous", "fused", "transposed")
 DEFAULT_PAGES = (16, 64, 1, 4, 7, 128)
 # (d, head_dim_v): small widths for speed, the real 576/512, and MiniCPM3's 288/256.
 DEFAULT_WIDTHS = ((40, 32), (80, 64), (576, 512), (24, 8), (288, 256))
@@ -56,6 +61,11 @@ class DecodeCase:
     seed: int
     layout_seed: int
     device: str = "cpu"
+    q_layout: str = "contiguous"
+    # the cache is one layer of a pooled allocation (a view at a nonzero storage offset)
+    pooled_cache: bool = False
+    # the block table is a column slice of a wider table
+    sliced_block_table: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -81,21 +91,33 @@ class DecodeCase:
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
+        lengths = list(self.lengths) if len(self.lengths) <= 8 else (
+            f"[{', '.join(map(str, self.lengths[:6]))}, … {len(self.lengths)} rows, max {max(self.lengths)}]")
+        layout = "".join(f" {name}" for name, on in (("q=" + self.q_layout, self.q_layout != "contiguous"),
+                                                      ("pooled", self.pooled_cache),
+                                                      ("sliced-table", self.sliced_block_table)) if on)
         return (f"{self.dtype} b={self.batch} s_q={self.s_q} h={self.heads} d={self.d}/{self.head_dim_v} "
-                f"page={self.page_size} lengths={list(self.lengths)} causal={self.causal} "
+                f"page={self.page_size} lengths={lengths} causal={self.causal} "
                 f"regime={self.regime} scale={self.scale} permuted={self.permute_pages} "
-                f"strided={self.strided_cache} seed={self.seed}")
+                f"strided={self.strided_cache}{layout} seed={self.seed}")
 
 
 @dataclass(frozen=True)
 class CaseLimits:
     """Size caps set by the profile: the longest sequence, the largest batch, and the work
-    b·s_q·h·d·L allowed in one case (keeps the float64 reference fast on a CPU)."""
+    b·s_q·h·d·L allowed in one case (keeps the float64 reference fast on a CPU). A share of the
+    examples (`serving_share`, 0 for none) are serving-scale cases under their own caps: batches
+    to `serving_batch`, sequences to `serving_len`, s_q to `serving_s_q`, work to `serving_work`."""
 
     max_len: int = 600
     max_batch: int = 4
     max_s_q: int = 4
     max_work: int = 40_000_000
+    serving_share: float = 0.0
+    serving_len: int = 32768
+    serving_batch: int = 128
+    serving_s_q: int = 8
+    serving_work: int = 100_000_000
 
 
 def _lengths(page_size: int, max_len: int) -> st.SearchStrategy[int]:
@@ -107,7 +129,10 @@ def _lengths(page_size: int, max_len: int) -> st.SearchStrategy[int]:
 @st.composite
 def decode_cases(draw: st.DrawFn, capabilities: Capabilities, limits: CaseLimits = CaseLimits(),
                  device: str = "cpu", min_batch: int = 1) -> DecodeCase:
-    """A decode case the implementation claims to support, within the profile's limits."""
+    """A decode case the implementation claims to support, within the profile's limits; a share
+    of them at serving scale (large batches, long contexts, multi-token decode)."""
+    serving = limits.serving_share > 0 and draw(
+        st.integers(0, 999).map(lambda x: x >= 1000 * (1 - limits.serving_share)), label="serving_scale")
     dtype = draw(st.sampled_from([dtype_name(t) for t in capabilities.dtypes]), label="dtype")
     widths = capabilities.head_dims or DEFAULT_WIDTHS
     d, head_dim_v = draw(st.sampled_from(widths), label="widths")
@@ -118,11 +143,20 @@ def decode_cases(draw: st.DrawFn, capabilities: Capabilities, limits: CaseLimits
         heads = draw(st.one_of(st.sampled_from(special), st.integers(1, capabilities.max_heads)), label="heads")
     pages = capabilities.page_sizes or DEFAULT_PAGES
     page_size = draw(st.sampled_from(pages), label="page_size")
-    batch = draw(st.integers(min_batch, max(limits.max_batch, min_batch)), label="batch")
-    s_q = draw(st.integers(1, min(capabilities.max_s_q, limits.max_s_q)), label="s_q")
+    max_batch, max_s_q, max_len, max_work = ((limits.serving_batch, limits.serving_s_q, limits.serving_len,
+                                              limits.serving_work) if serving else
+                                             (limits.max_batch, limits.max_s_q, limits.max_len, limits.max_work))
+    batch = draw(st.integers(min_batch, max(max_batch, min_batch)), label="batch")
+    s_q = draw(st.integers(1, min(capabilities.max_s_q, max_s_q)), label="s_q")
     causal = draw(st.booleans(), label="causal") if capabilities.causal else False
-    max_len = min(limits.max_len, max(limits.max_work // (batch * s_q * heads * d), page_size + 1))
-    lengths = tuple(draw(st.lists(_lengths(page_size, max_len), min_size=batch, max_size=batch), label="lengths"))
+    max_len = min(max_len, max(max_work // (batch * s_q * heads * d), page_size + 1))
+    if serving:  # long rows: lengths drawn near the cap, so a bug past a threshold is reached
+        long = st.integers(max(max_len // 2, 0), max_len)
+        lengths = tuple(draw(st.lists(st.one_of(long, _lengths(page_size, max_len)), min_size=batch,
+                                      max_size=batch), label="lengths"))
+    else:
+        lengths = tuple(draw(st.lists(_lengths(page_size, max_len), min_size=batch, max_size=batch),
+                             label="lengths"))
     regime = draw(st.sampled_from(REGIMES), label="regime")
     scale = draw(st.sampled_from(SCALES), label="scale")
     permute_pages = draw(st.booleans(), label="permute_pages")
@@ -130,10 +164,14 @@ def decode_cases(draw: st.DrawFn, capabilities: Capabilities, limits: CaseLimits
     extra_blocks = draw(st.integers(0, 3), label="extra_blocks")
     seed = draw(st.integers(0, 2**31 - 1), label="seed")
     layout_seed = draw(st.integers(0, 2**31 - 1), label="layout_seed")
+    q_layout = draw(st.sampled_from(Q_LAYOUTS), label="q_layout")
+    pooled = draw(st.booleans(), label="pooled_cache")
+    sliced_table = draw(st.booleans(), label="sliced_block_table")
     return DecodeCase(dtype=dtype, batch=batch, s_q=s_q, heads=heads, d=d, head_dim_v=head_dim_v,
                       page_size=page_size, lengths=lengths, causal=causal, regime=regime, scale=scale,
                       permute_pages=permute_pages, strided_cache=strided, extra_blocks=extra_blocks,
-                      seed=seed, layout_seed=layout_seed, device=device)
+                      seed=seed, layout_seed=layout_seed, device=device, q_layout=q_layout, pooled_cache=pooled,
+                      sliced_block_table=sliced_table)
 
 
 def case_supported(capabilities: Capabilities, case: DecodeCase) -> bool:

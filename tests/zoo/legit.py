@@ -93,17 +93,20 @@ def _split_partials(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax
     b, s_q, h, t = logits2.shape
     position, in_split = _split_layout(cache_seqlens, t)
     chunk = position.shape[-1]
-    flat = position.reshape(b, 1, 1, SPLITS * chunk)
+    slots = position.reshape(b, 1, 1, SPLITS * chunk)  # every (split, slot) as one gather index
 
-    def by_split(x: torch.Tensor) -> torch.Tensor:  # [b, s_q, n, t] -> [b·SPLITS, s_q, n, chunk]
-        gathered = torch.gather(x, -1, flat.expand(b, s_q, x.shape[2], -1))
-        return gathered.reshape(b, s_q, x.shape[2], SPLITS, chunk).movedim(3, 1).reshape(-1, s_q, x.shape[2], chunk)
+    def by_split(x: torch.Tensor) -> torch.Tensor:
+        """[b, s_q, n, t] -> [b·SPLITS, s_q, n, chunk]: each (row, split) a batch entry of its own."""
+        n = x.shape[2]
+        gathered = torch.gather(x, -1, slots.expand(b, s_q, n, -1)).reshape(b, s_q, n, SPLITS, chunk)
+        return gathered.movedim(3, 1).reshape(b * SPLITS, s_q, n, chunk)
 
     split_visible = by_split(visible) & in_split.reshape(b * SPLITS, 1, 1, chunk)
-    split_values = keys[torch.arange(b)[:, None, None], position, :head_dim_v].reshape(b * SPLITS, chunk, -1)
+    split_values = keys[torch.arange(b)[:, None, None], position, :head_dim_v]  # [b, SPLITS, chunk, c]
+    split_values = split_values.reshape(b * SPLITS, chunk, head_dim_v)
     state = _online_softmax_exp2(by_split(logits2), split_visible, split_values, q.dtype, SPLIT_TILE)
     out, lse = _normalise_exp2(*state)
-    return out.reshape(b, SPLITS, s_q, h, -1), lse.reshape(b, SPLITS, s_q, h)
+    return out.reshape(b, SPLITS, s_q, h, head_dim_v), lse.reshape(b, SPLITS, s_q, h)
 
 
 def _merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor):
