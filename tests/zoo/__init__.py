@@ -16,10 +16,10 @@ from typing import Callable
 from mla_verify.checks import FailureKind, Implementation
 from mla_verify.contract import capabilities_of
 
-from . import cross_row, determinism, heads, interface, lse, masking, paging, precision, scale, split_kv
+from . import cross_row, determinism, heads, interface, legit, lse, masking, paging, precision, scale, split_kv, subtle
 from .common import correct_decode
 
-__all__ = ["ZooKernel", "ZOO", "BENIGN_CASE", "implementation", "correct_decode"]
+__all__ = ["ZooKernel", "ZOO", "BENIGN_CASE", "implementation", "correct_decode", "legit"]
 
 K = FailureKind
 
@@ -87,6 +87,17 @@ ZOO = (
     _zoo(determinism.atomic_split_accumulation, "deterministic", K.NONDETERMINISM, benign={"lengths": (2,)}),
     _zoo(cross_row.softmax_max_over_batch, "rows_independent", K.CROSS_ROW_DEPENDENCE,
          benign={"batch": 2, "lengths": (5, 0)}),
+    # subtle bugs under the worst-case bound at serving scale: the sharp tier (or the search's
+    # serving-scale share) must find them
+    _zoo(subtle.token_dropped_past_4096, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"lengths": (4096,)},
+         min_length=32768),
+    _zoo(subtle.scale_off_by_1e3, M, K.WRONG_LSE, K.WRONG_VALUES),
+    _zoo(subtle.pv_accumulated_in_bf16_tiles, M, K.WRONG_VALUES, benign={"dtype": "bfloat16", "lengths": (64,)}),
+    _zoo(subtle.normaliser_in_bf16, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"dtype": "bfloat16", "lengths": (1,)}),
+    _zoo(subtle.late_rescale, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"lengths": (4096,)}, min_length=32768),
+    # two independent bugs (vLLM's Triton MLA, seen on an H200): both must be reported, each with its own case
+    _zoo(subtle.two_bugs_empty_nan_and_one_head_bf16_scores, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES,
+         benign={"heads": 2}, distinct=2),
 )
 
 

@@ -178,3 +178,7 @@ def reverse_order_sum(q, kv_cache, block_table, cache_seqlens, head_dim_v, softm
     out = acc / l_safe[..., None]
     lse = torch.where(seen_any, m + torch.log(l_safe), -math.inf)
     return finish(out, lse, q)
+
+
+# every legitimate variant, for the soundness run and the zoo's controls
+LEGITIMATE = (online_exp2_tiles, split_kv_lse_merge, split_kv_bf16_partials, reverse_order_sum)
