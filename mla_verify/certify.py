@@ -50,6 +50,7 @@ from mla_verify.strategies import DEFAULT_PAGES, DEFAULT_WIDTHS, DecodeCase, dec
 __all__ = ["PropertyReport", "Certificate", "certify", "run_property", "Coverage", "not_covered"]
 
 SCHEMA = "mla-verify-certificate/2"
+PROGRESS_EVERY = 25  # cases between progress lines
 
 
 @dataclass
@@ -360,7 +361,7 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
         if profile.targeted:
             target(ratios.sound, label="error/bound")
             target(ratios.sharp, label="error/sharp tolerance")
-        if report.examples % 25 == 0:
+        if report.examples % PROGRESS_EVERY == 0:
             progress(f"  {prop.name}: {report.examples} cases, max error/bound {report.max_ratio:.3g} (sound), "
                      f"{report.max_sharp_ratio:.3g} (sharp), {report.failed} failing")
 

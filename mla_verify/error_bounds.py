@@ -56,8 +56,9 @@ Per row (b, s_q, h), with λ = 8 (a Hoeffding tail of 2·e^{-32}):
   - P rounded to the P type (u_p) before P·V: Σ_g P_g·ε_g·v_g = ε̄·o + Σ_g P_g·ε_g·w_g with
     ε̄ = Σ P_g ε_g. |ε̄| ≤ u_p·min(1, λ·sqrt(Σ_g P_g²)) (Hoeffding; 1 when one key dominates or all
     keys are equal), and the centred sum is a sum of independent random vectors with
-    E‖·‖² ≤ u_p²·Σ_g P_g²‖w_g‖²: allowed κ = 2 times that root mean square, never more than the
-    deterministic u_p·Σ_g P_g‖w_g‖ (which is what a few dominant keys can reach);
+    E‖·‖² ≤ (u_p²/3)·Σ_g P_g²‖w_g‖² (round to nearest: the error is uniform within half an ulp):
+    allowed κ = 2 times that root mean square, never more than the deterministic u_p·Σ_g P_g‖w_g‖
+    (which is what a few dominant keys can reach);
   - score errors through the softmax, Δo = Σ_g P_g(δs_g − δ̄)·w_g: the same vector-sum form with
     c_g in place of u_p (independent part), plus the truncation bias (d/8)·u_a·Σ_g P_g|s_g|‖w_g‖;
   - the P·V accumulation and the normaliser: λ·u_a·√n·‖o‖ each (partial sums of a random-order
@@ -65,7 +66,10 @@ Per row (b, s_q, h), with λ = 8 (a Hoeffding tail of 2·e^{-32}):
     lse's own log/max/store error (6u_a(|lse| + max|s|) + u_lse|lse| + log(1 + u_exp)) times ‖o‖;
   - declared partials (N merged, each rounded by u_part): u_part·(‖o‖ + N·sqrt(Σ_g P_g²‖v_g‖²)),
     capped by the deterministic u_part·Σ_g P_g‖v_g‖.
-  The sharp out tolerance is the sum of these, and never exceeds the norm of the sound bound.
+  The error before the output rounding is the sum of these, S; with R the output rounding term the
+  tolerance is sqrt(R² + S² + 2·χ·R·S), χ = min(1, 3/√head_dim_v) (two independent random vectors
+  are nearly orthogonal in a wide row; in a narrow one they may align), and never exceeds the norm
+  of the sound bound.
 
 The sharp tier is statistical: it assumes rounding errors of different keys do not conspire. It was
 validated, not proved: ≥ 10⁵ generated cases of correct kernels (the project's own, and legitimate
@@ -212,15 +216,18 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     w_norm = (v_sq[:, None, None, :] - 2 * v_dot_o + (o_norm ** 2)[..., None]).clamp_min(0).sqrt()  # ‖v_t − o‖
     mass_sq = P2.sum(-1)  # Σ_g P_g²
 
-    def vector_sum(scale_per_key: torch.Tensor) -> torch.Tensor:
-        """Size of Σ_g P_g·x_g·w_g for independent mean-zero |x_g| ≤ scale_g: κ·RMS, capped by the worst case."""
-        rms = (P2 * (scale_per_key * w_norm) ** 2).sum(-1).sqrt()
-        worst = (p * scale_per_key * w_norm).sum(-1)
+    def vector_sum(rms_per_key: torch.Tensor, worst_per_key: torch.Tensor) -> torch.Tensor:
+        """Size of Σ_g P_g·x_g·w_g for independent mean-zero x_g (RMS ≤ rms_g, |x_g| ≤ worst_g):
+        κ times its root mean square, capped by the worst case."""
+        rms = (P2 * (rms_per_key * w_norm) ** 2).sum(-1).sqrt()
+        worst = (p * worst_per_key * w_norm).sum(-1)
         return torch.minimum(VECTOR_SPREAD * rms, worst)
 
     ones = torch.ones_like(p)
-    p_rounding = u_p * torch.clamp(TAIL * mass_sq.sqrt(), max=1.0) * o_norm + vector_sum(u_p * ones)
-    through_softmax = vector_sum(c) + (p * bias * w_norm).sum(-1)
+    # rounding to nearest leaves an error uniform within half an ulp: RMS ≤ u/√3, never more than u
+    p_rounding = (u_p * torch.clamp(TAIL * mass_sq.sqrt(), max=1.0) * o_norm
+                  + vector_sum(u_p / math.sqrt(3) * ones, u_p * ones))
+    through_softmax = vector_sum(c, c) + (p * bias * w_norm).sum(-1)
     # P·V partial sums, and the normaliser: a kernel divides by its own row sum or multiplies by
     # exp(−lse) of its own lse, whose error beyond the score average is the lse's sum/log/store terms
     accumulation = (2 * TAIL * u_a * n.sqrt() + math.log1p(u_exp) + deterministic_lse) * o_norm
@@ -230,7 +237,12 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
         partials = u_part * torch.minimum(spread_partials, (p * v_sq.sqrt()[:, None, None, :]).sum(-1))
     sharp_pre = p_rounding + through_softmax + accumulation + partials
     half_ulp = _half_ulp(o.abs() * (1 + 4 * u_out) + sharp_pre[..., None] / math.sqrt(head_dim_v), model.output)
-    sharp_out = (half_ulp ** 2).sum(-1).sqrt() + sharp_pre * (1 + u_out) + tiny_out * math.sqrt(head_dim_v)
+    rounding = (half_ulp ** 2).sum(-1).sqrt()
+    # the output rounding and the error before it add as two independent random vectors: in quadrature,
+    # plus the cross term they may share (up to 3/√head_dim_v of its full size, all of it for narrow rows)
+    before = sharp_pre * (1 + u_out)
+    cross = min(1.0, 3 / math.sqrt(head_dim_v))
+    sharp_out = (rounding ** 2 + before ** 2 + 2 * cross * rounding * before).sqrt() + tiny_out * math.sqrt(head_dim_v)
 
     # Rows with nothing visible are checked exactly (out 0, lse ∓inf); their bound is 0.
     has_key = visible.expand_as(scores).any(-1)  # [b, s, h]
