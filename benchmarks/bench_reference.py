@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from mla_verify.error_bounds import decode_bounds
+from mla_verify.error_bounds import RoundingModel, decode_bounds
 from mla_verify.reference import paged_decode_reference, paged_decode_terms
 
 
@@ -37,7 +37,8 @@ def main() -> None:
 
     def reference_with_bounds():
         terms = paged_decode_terms(q, cache, table, lengths, dv, scale)
-        decode_bounds(terms, q, scale, dv, torch.bfloat16, torch.float32, torch.bfloat16)
+        decode_bounds(terms, q, scale, dv, RoundingModel(input=torch.bfloat16, accumulation=torch.float32,
+                                                        output=torch.bfloat16, p=torch.bfloat16))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; b=1 s_q=1 h={args.heads} d={d} "
           f"L={args.length} bf16 page {page}")

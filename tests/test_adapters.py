@@ -18,7 +18,7 @@ from mla_verify.adapters import sglang as sg
 from mla_verify.adapters import vllm as vl
 from mla_verify.cases import OUT_OF_RANGE_BLOCK, build_inputs
 from mla_verify.contract import MissingDependency, capabilities_of, check_signature
-from mla_verify.error_bounds import decode_bounds, gamma, unit_roundoff
+from mla_verify.error_bounds import RoundingModel, decode_bounds, gamma, unit_roundoff
 from mla_verify.reference import paged_decode_reference, paged_decode_terms
 from mla_verify.registry import ImplementationError, resolve
 from mla_verify.strategies import DecodeCase
@@ -212,7 +212,8 @@ def test_flattened_rows_reproduce_the_reference_row_by_row():
     # both are float64 computations of the same values (summed over different padded lengths):
     # each is within the float64 decode bound of the exact result
     terms = paged_decode_terms(*inputs.arguments, causal=True)
-    bounds = decode_bounds(terms, inputs.q, case.softmax_scale, case.head_dim_v, F64, F64, F64)
+    bounds = decode_bounds(terms, inputs.q, case.softmax_scale, case.head_dim_v,
+                           RoundingModel(input=F64, accumulation=F64, output=F64, p=F64))
     assert bool(((row_out.view_as(out) - out).abs() <= 2 * bounds.out).all())
     row_lse = vl.rows_to_contract_lse(row_lse[..., 0], case.batch, case.s_q)
     assert torch.equal(torch.isneginf(row_lse), torch.isneginf(lse))

@@ -26,8 +26,8 @@ from mla_verify.strategies import DecodeCase
 
 CASES_PER_KERNEL = 17_000
 SOUNDNESS = Profile("soundness", CASES_PER_KERNEL, dataclasses.replace(
-    PROFILES["default"].limits, max_len=300, max_batch=3, max_work=2_000_000, serving_share=0.05,
-    serving_work=5_000_000))
+    PROFILES["default"].limits, max_len=200, max_batch=3, max_work=400_000, serving_share=0.02,
+    serving_work=2_000_000))
 KERNELS = {
     "torch": lambda: resolve("torch"),
     "zoo_template": lambda: zoo.implementation(zoo.correct_decode, "zoo_template"),

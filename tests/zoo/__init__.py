@@ -89,7 +89,7 @@ ZOO = (
          benign={"batch": 2, "lengths": (5, 0)}),
     # subtle bugs under the worst-case bound at serving scale: the sharp tier (or the search's
     # serving-scale share) must find them
-    _zoo(subtle.token_dropped_past_4096, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"lengths": (4096,)},
+    _zoo(subtle.token_dropped_from_4096, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"lengths": (4095,)},
          min_length=32768),
     _zoo(subtle.scale_off_by_1e3, M, K.WRONG_LSE, K.WRONG_VALUES),
     _zoo(subtle.pv_accumulated_in_bf16_tiles, M, K.WRONG_VALUES, benign={"dtype": "bfloat16", "lengths": (64,)}),

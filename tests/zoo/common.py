@@ -26,7 +26,7 @@ def gather(kv_cache: torch.Tensor, block_table: torch.Tensor,
     b, page, d = block_table.shape[0], kv_cache.shape[1], kv_cache.shape[-1]
     lengths = cache_seqlens.long()
     blocks = -(-int(lengths.max()) // page) if b else 0
-    positions = torch.arange(blocks * page)
+    positions = torch.arange(blocks * page, device=kv_cache.device)
     valid = positions[None, :] < lengths[:, None]
     ids = torch.where(valid[:, ::page], block_table[:, :blocks].long(), 0)
     keys = kv_cache[:, :, 0][ids].reshape(b, blocks * page, d).to(F32)
@@ -49,7 +49,7 @@ def visible_mask(valid: torch.Tensor, positions: torch.Tensor, cache_seqlens: to
     """[b, s_q, 1, t]: which keys each query row sees (causal: bottom-right aligned)."""
     visible = valid[:, None, None, :].expand(-1, s_q, -1, -1)
     if causal:
-        limit = cache_seqlens.long()[:, None] - s_q + torch.arange(s_q)[None, :] + 1  # [b, s_q]
+        limit = cache_seqlens.long()[:, None] - s_q + torch.arange(s_q, device=valid.device)[None, :] + 1  # [b, s_q]
         visible = visible & (positions[None, None, :] < limit[..., None])[:, :, None, :]
     return visible
 
@@ -57,7 +57,7 @@ def visible_mask(valid: torch.Tensor, positions: torch.Tensor, cache_seqlens: to
 def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(p, lse) over the last axis; a row that sees nothing gets p = 0 and lse = -inf."""
     if scores.shape[-1] == 0:  # every sequence is empty
-        return torch.zeros_like(scores), torch.full(scores.shape[:-1], -math.inf, dtype=scores.dtype)
+        return torch.zeros_like(scores), torch.full(scores.shape[:-1], -math.inf, dtype=scores.dtype, device=scores.device)
     masked = scores.masked_fill(~visible, -math.inf)
     row_max = masked.amax(-1, keepdim=True)
     empty = torch.isneginf(row_max)

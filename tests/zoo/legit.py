@@ -30,9 +30,9 @@ def _online_softmax_exp2(logits2: torch.Tensor, visible: torch.Tensor, values: t
     [B, t, c]. Returns the running state (m, l, acc): m the running max of logits2, l = Σ 2^(x - m)
     from the unrounded weights, acc = Σ P·v with P the weights rounded to p_dtype; all float32,
     m = -inf and l = acc = 0 for a query that sees no key."""
-    m = torch.full(logits2.shape[:-1], -math.inf)
-    l = torch.zeros(logits2.shape[:-1])
-    acc = torch.zeros(*logits2.shape[:-1], values.shape[-1])
+    m = torch.full(logits2.shape[:-1], -math.inf, device=logits2.device)
+    l = torch.zeros(logits2.shape[:-1], device=logits2.device)
+    acc = torch.zeros(*logits2.shape[:-1], values.shape[-1], device=logits2.device)
     for start in range(0, logits2.shape[-1], tile):
         x, seen = logits2[..., start:start + tile], visible[..., start:start + tile]
         m_new = torch.maximum(m, x.masked_fill(~seen, -math.inf).amax(-1))
@@ -76,8 +76,8 @@ def _split_layout(cache_seqlens: torch.Tensor, t: int) -> tuple[torch.Tensor, to
     chunk is the longest row's chunk size."""
     per_split = -(-cache_seqlens.long() // SPLITS)  # [b]
     chunk = int(per_split.max()) if per_split.numel() else 0
-    slot = torch.arange(chunk)
-    position = torch.arange(SPLITS)[None, :, None] * per_split[:, None, None] + slot  # [b, SPLITS, chunk]
+    slot = torch.arange(chunk, device=cache_seqlens.device)
+    position = torch.arange(SPLITS, device=cache_seqlens.device)[None, :, None] * per_split[:, None, None] + slot  # [b, SPLITS, chunk]
     in_split = (slot < per_split[:, None, None]) & (position < t)
     return torch.where(in_split, position, 0), in_split
 
@@ -102,7 +102,7 @@ def _split_partials(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax
         return gathered.movedim(3, 1).reshape(b * SPLITS, s_q, n, chunk)
 
     split_visible = by_split(visible) & in_split.reshape(b * SPLITS, 1, 1, chunk)
-    split_values = keys[torch.arange(b)[:, None, None], position, :head_dim_v]  # [b, SPLITS, chunk, c]
+    split_values = keys[torch.arange(b, device=keys.device)[:, None, None], position, :head_dim_v]  # [b, SPLITS, chunk, c]
     split_values = split_values.reshape(b * SPLITS, chunk, head_dim_v)
     state = _online_softmax_exp2(by_split(logits2), split_visible, split_values, q.dtype, SPLIT_TILE)
     out, lse = _normalise_exp2(*state)
@@ -160,9 +160,9 @@ def reverse_order_sum(q, kv_cache, block_table, cache_seqlens, head_dim_v, softm
     keys, valid, positions = gather(kv_cache, block_table, cache_seqlens)
     visible = visible_mask(valid, positions, cache_seqlens, q.shape[1], causal)
     scores = qk(q, keys) * softmax_scale
-    m = torch.full(scores.shape[:-1], -math.inf)
-    l = torch.zeros(scores.shape[:-1])
-    acc = torch.zeros(*scores.shape[:-1], head_dim_v)
+    m = torch.full(scores.shape[:-1], -math.inf, device=scores.device)
+    l = torch.zeros(scores.shape[:-1], device=scores.device)
+    acc = torch.zeros(*scores.shape[:-1], head_dim_v, device=scores.device)
     for start in reversed(range(0, scores.shape[-1], REVERSE_TILE)):
         s, seen = scores[..., start:start + REVERSE_TILE], visible[..., start:start + REVERSE_TILE]
         m_new = torch.maximum(m, s.masked_fill(~seen, -math.inf).amax(-1))

@@ -18,17 +18,17 @@ LONG_ROW_TOKENS = LONG_ROW_TILES * TILE
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def token_dropped_past_4096(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False):
-    """A kernel with a separate path for long rows (more than 64 tiles of 64 keys) whose last-tile
+def token_dropped_from_4096(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False):
+    """A kernel with a separate path for long rows (64 tiles of 64 keys or more) whose last-tile
     bound is an inclusive index used as an exclusive one: off by one, the last key a query sees is
-    skipped. Short rows take the other path and are right; only contexts past 4096 tokens lose the
+    skipped. Short rows take the other path and are right; only contexts from 4096 tokens on lose the
     newest token (the one decode has just appended), an error of order 1/L that fixed tolerances
     never see."""
     validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v)
     keys, valid, positions = gather(kv_cache, block_table, cache_seqlens)
     visible = visible_mask(valid, positions, cache_seqlens, q.shape[1], causal)
     end = visible.sum(-1, keepdim=True)  # visible keys form a prefix: each query sees positions < end
-    long_rows = (cache_seqlens.long() > LONG_ROW_TOKENS)[:, None, None, None]
+    long_rows = (cache_seqlens.long() >= LONG_ROW_TOKENS)[:, None, None, None]
     end = torch.where(long_rows, end - 1, end)  # BUG: the long path's bound is the last index, not one past it
     visible = visible & (positions < end)
     p, lse = masked_softmax(qk(q, keys) * softmax_scale, visible)
@@ -82,9 +82,9 @@ def pv_accumulated_in_bf16_tiles(q, kv_cache, block_table, cache_seqlens, head_d
     visible = visible_mask(valid, positions, cache_seqlens, q.shape[1], causal)
     scores = qk(q, keys) * softmax_scale
     keys_seen = visible.sum(-1)  # [b, s_q, 1]: visible keys form a prefix of this length
-    m = torch.full(scores.shape[:-1], -math.inf)
-    l = torch.zeros(scores.shape[:-1])
-    acc = torch.zeros(*scores.shape[:-1], head_dim_v)
+    m = torch.full(scores.shape[:-1], -math.inf, device=scores.device)
+    l = torch.zeros(scores.shape[:-1], device=scores.device)
+    acc = torch.zeros(*scores.shape[:-1], head_dim_v, device=scores.device)
     for start in range(0, scores.shape[-1], TILE):
         tile = slice(start, start + TILE)
         m, rescale, weights = _tile_step(scores[..., tile], visible[..., tile], m)
@@ -108,9 +108,9 @@ def normaliser_in_bf16(q, kv_cache, block_table, cache_seqlens, head_dim_v, soft
     visible = visible_mask(valid, positions, cache_seqlens, q.shape[1], causal)
     scores = qk(q, keys) * softmax_scale
     keys_seen = visible.sum(-1)  # [b, s_q, 1]: visible keys form a prefix of this length
-    m = torch.full(scores.shape[:-1], -math.inf)
-    l = torch.zeros(scores.shape[:-1])
-    acc = torch.zeros(*scores.shape[:-1], head_dim_v)
+    m = torch.full(scores.shape[:-1], -math.inf, device=scores.device)
+    l = torch.zeros(scores.shape[:-1], device=scores.device)
+    acc = torch.zeros(*scores.shape[:-1], head_dim_v, device=scores.device)
     for start in range(0, scores.shape[-1], TILE):
         tile = slice(start, start + TILE)
         m, rescale, weights = _tile_step(scores[..., tile], visible[..., tile], m)
@@ -133,9 +133,9 @@ def late_rescale(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     keys, valid, positions = gather(kv_cache, block_table, cache_seqlens)
     visible = visible_mask(valid, positions, cache_seqlens, q.shape[1], causal)
     scores = qk(q, keys) * softmax_scale
-    m = torch.full(scores.shape[:-1], -math.inf)
-    l = torch.zeros(scores.shape[:-1])
-    acc = torch.zeros(*scores.shape[:-1], head_dim_v)
+    m = torch.full(scores.shape[:-1], -math.inf, device=scores.device)
+    l = torch.zeros(scores.shape[:-1], device=scores.device)
+    acc = torch.zeros(*scores.shape[:-1], head_dim_v, device=scores.device)
     for index, start in enumerate(range(0, scores.shape[-1], TILE)):
         tile = slice(start, start + TILE)
         m, rescale, weights = _tile_step(scores[..., tile], visible[..., tile], m)
@@ -167,7 +167,7 @@ def two_bugs_empty_nan_and_one_head_bf16_scores(q, kv_cache, block_table, cache_
     if scores.shape[-1]:
         e_max = scores.amax(-1, keepdim=True)  # -inf for a query that sees no key
     else:  # every sequence is empty
-        e_max = torch.full(scores.shape[:-1] + (1,), -math.inf)
+        e_max = torch.full(scores.shape[:-1] + (1,), -math.inf, device=scores.device)
     weights = torch.where(visible, torch.exp(scores - e_max), 0.0)  # keys never visited add nothing
     e_sum = weights.sum(-1, keepdim=True)
     out = pv(weights, keys[..., :head_dim_v]) / e_sum  # BUG (a): 0 / 0 = NaN for a query that sees no key
