@@ -1,5 +1,6 @@
-"""The certify / replay / list commands as a user meets them: a kernel written from a blank file,
-certified, its counterexample replayed, fixed, and certified again; and the usage errors."""
+"""The certify / check / replay / list commands as a user meets them: a kernel written from a blank
+file, certified, its counterexample replayed, fixed, and certified again; a kernel with two bugs
+reported twice in one run; a kernel that declines cases; and the usage errors."""
 
 import json
 import os
@@ -54,20 +55,20 @@ def test_broken_kernel_counterexample_replay_fix_certify(tmp_path):
                cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     certificate = json.loads((tmp_path / "cert.json").read_text())
-    assert certificate["schema"] == "mla-verify-certificate/1" and certificate["verdict"] == "fail"
+    assert certificate["schema"] == "mla-verify-certificate/2" and certificate["verdict"] == "fail"
     failed = [p for p in certificate["properties"] if p["verdict"] == "fail"]
     assert failed and failed[0]["name"] == "matches_reference"
-    assert failed[0]["failure"]["kind"] in ("wrong lse", "wrong values")
-    minimal = failed[0]["failure"]["case"]
+    assert failed[0]["failures"][0]["kind"] in ("wrong lse", "wrong values")
+    minimal = failed[0]["failures"][0]["case"]
     assert minimal["batch"] == 1 and minimal["heads"] == 1 and max(minimal["lengths"]) <= 1, minimal
-    artifact = Path(failed[0]["counterexample"])
+    artifact = Path(failed[0]["failures"][0]["counterexample"])
     artifact = artifact if artifact.is_absolute() else tmp_path / artifact
     assert {"case.json", "inputs.pt", "repro.py"} <= {p.name for p in artifact.iterdir()}
     assert "FAIL" in (tmp_path / "cert.md").read_text().upper()
 
     standalone = subprocess.run([sys.executable, str(artifact / "repro.py")], cwd=tmp_path, capture_output=True,
                                 text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert standalone.returncode == 1 and "FAIL" in standalone.stderr + standalone.stdout
+    assert standalone.returncode == 1 and "still fails" in standalone.stdout, standalone.stdout + standalone.stderr
     assert _cli("replay", str(artifact), cwd=tmp_path).returncode == 1
 
     _write_kernel(tmp_path, "softmax_scale")
@@ -135,4 +136,62 @@ def test_isolated_mode_reports_a_segfault_as_a_counterexample(tmp_path):
                "--json", "cert.json", cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     certificate = json.loads((tmp_path / "cert.json").read_text())
-    assert certificate["properties"][0]["failure"]["kind"] == "process crashed"
+    assert certificate["properties"][0]["failures"][0]["kind"] == "process crashed"
+
+
+TWO_BUGS = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, TESTS)
+    from zoo.subtle import two_bugs_empty_nan_and_one_head_bf16_scores as decode
+''')
+
+DECLINING = textwrap.dedent('''
+    from mla_verify import Declined
+    from mla_verify.impls.torch_decode import torch_paged_decode
+
+    def decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False):
+        if q.shape[2] > 8:
+            raise Declined(f"planner: {q.shape[2]} heads are unsupported")
+        return torch_paged_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+''')
+
+
+def test_two_independent_bugs_are_both_reported_with_their_own_replayable_case(tmp_path):
+    (tmp_path / "two_bugs.py").write_text(TWO_BUGS.replace("TESTS", repr(str(Path(__file__).parent))))
+    run = _cli("certify", "two_bugs:decode", "--profile", "quick", "--seed", "1", "--property", "matches_reference",
+               "--json", "cert.json", "--markdown", "cert.md", cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "FAIL: 2 distinct failures" in run.stdout
+    certificate = json.loads((tmp_path / "cert.json").read_text())
+    failures = certificate["properties"][0]["failures"]
+    assert certificate["distinct_failures"] == 2
+    assert {f["kind"] for f in failures} == {"NaN/inf where a finite value is due", "wrong lse"}, failures
+    for failure in failures:
+        artifact = tmp_path / failure["counterexample"]
+        assert _cli("replay", str(artifact), cwd=tmp_path).returncode == 1
+        checked = _cli("check", "two_bugs:decode", "--case", str(artifact / "case.json"), cwd=tmp_path)
+        assert checked.returncode == 1 and failure["signature"] in checked.stdout, checked.stdout
+    markdown = (tmp_path / "cert.md").read_text()
+    assert "failure 1 of 2" in markdown and "failure 2 of 2" in markdown
+
+
+def test_declined_cases_are_counted_and_fail_only_under_strict(tmp_path):
+    (tmp_path / "declining.py").write_text(DECLINING)
+    args = ("certify", "declining:decode", "--profile", "quick", "--seed", "3", "--property", "matches_reference",
+            "--json", "cert.json")
+    run = _cli(*args, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    certificate = json.loads((tmp_path / "cert.json").read_text())
+    report = certificate["properties"][0]
+    assert certificate["verdict"] == "pass with declined cases" and report["declined"] > 0
+    assert report["passed"] > 0 and any("heads are unsupported" in reason for reason in report["declined_reasons"])
+    assert "PASS with declined cases" in run.stdout
+    strict = _cli(*args, "--strict", cwd=tmp_path)
+    assert strict.returncode == 1 and "declined a case its capabilities claim" in strict.stdout
+
+
+def test_check_of_an_unreadable_case_file_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "case.json").write_text("{not json")
+    assert main(["check", "torch", "--case", str(tmp_path / "case.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "expected a case.json" in err and len(err.splitlines()) == 1

@@ -1,11 +1,11 @@
 """Soundness of both tiers at scale: correct kernels never exceed the sound bound or the sharp tolerance.
 
-Slow (10^5 cases in all): run with `python -m pytest -m slow tests/test_soundness.py -s`. The
+Slow (10^5 cases in all, 18 tests of 5,700 cases: 6 kernels × 3 seeds, independent, so they can
+run side by side): run with `python -m pytest -m slow tests/test_soundness.py -s`. The
 kernels are the project's torch kernel, the zoo's fp32 template and the legitimate variants of
 tests/zoo/legit.py (online exp2 softmax with P rounded to the input type, split-KV with 16
 splits and a log-sum-exp merge, the same with bf16 partials declared, reverse summation order).
-Cases are the default profile's, with smaller caps so that 1.7·10^4 of them per kernel (10^5 in
-all) fit in a CPU run. Each kernel's result (cases, the largest ratio of each tier, its case, time) is printed and
+Cases are the default profile's, with smaller caps so that 10^5 of them fit in a CPU run. Each kernel's result (cases, the largest ratio of each tier, its case, time) is printed and
 recorded in BENCHMARKS.md.
 """
 
@@ -24,8 +24,9 @@ from mla_verify.profiles import PROFILES, Profile
 from mla_verify.registry import resolve
 from mla_verify.strategies import DecodeCase
 
-CASES_PER_KERNEL = 17_000
-SOUNDNESS = Profile("soundness", CASES_PER_KERNEL, dataclasses.replace(
+CASES_PER_TEST = 5_700
+SEEDS = (20261201, 20261202, 20261203)
+SOUNDNESS = Profile("soundness", CASES_PER_TEST, dataclasses.replace(
     PROFILES["default"].limits, max_len=200, max_batch=3, max_work=400_000, serving_share=0.02,
     serving_work=2_000_000))
 KERNELS = {
@@ -36,22 +37,23 @@ KERNELS = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", sorted(KERNELS))
-def test_correct_kernel_never_exceeds_either_tier(name):
+def test_correct_kernel_never_exceeds_either_tier(name, seed):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     started = time.perf_counter()
     try:
-        report = run_property(KERNELS[name](), property_named("matches_reference"), SOUNDNESS, seed=20261201,
+        report = run_property(KERNELS[name](), property_named("matches_reference"), SOUNDNESS, seed=seed,
                               progress=_every_thousand)
     finally:
         torch.set_num_threads(threads)
     worst = DecodeCase.from_dict(report.worst_sharp_case).describe() if report.worst_sharp_case else "-"
-    print(f"\nsoundness {name}: {report.examples} cases, max error/bound {report.max_ratio:.4g} (sound), "
+    print(f"\nsoundness {name} seed {seed}: {report.examples} cases, max error/bound {report.max_ratio:.4g} (sound), "
           f"max error/tolerance {report.max_sharp_ratio:.4g} (sharp), {time.perf_counter() - started:.0f} s; "
           f"worst sharp case: {worst}")
     assert report.verdict == "pass", report.failures
-    assert report.examples >= CASES_PER_KERNEL
+    assert report.examples >= CASES_PER_TEST
 
 
 def _every_thousand(message: str) -> None:

@@ -121,7 +121,7 @@ CASES = {kc.id: kc for kc in _cases()}
 # ----------------------------------------------------------------------------------------------
 
 def _judge(kc: KernelCase) -> dict:
-    """Run one case through the interpreter; returns {"ok", "message", "out_ratio", "lse_ratio", "seconds"}."""
+    """Run one case through the interpreter; returns {"ok", "message", "sound", "sharp", "seconds"}."""
     import functools
 
     from mla_verify.cases import build_inputs
@@ -136,7 +136,7 @@ def _judge(kc: KernelCase) -> dict:
     try:
         inputs = build_inputs(kc.case)
         first = call_kernel(impl, inputs)
-        out_ratio, lse_ratio = compare(first, expected_for(inputs, impl.capabilities), impl.capabilities, kc.case)
+        ratios = compare(first, expected_for(inputs, impl.capabilities), impl.capabilities, kc.case)
         second = call_kernel(impl, inputs)
         same = _identical(first.out, second.out) and _identical(first.lse, second.lse)
         if not same:
@@ -146,7 +146,7 @@ def _judge(kc: KernelCase) -> dict:
         return {"ok": False, "message": str(failure), "seconds": time.perf_counter() - started}
     except Exception as error:  # noqa: BLE001 - report anything the worker hits as the case's failure
         return {"ok": False, "message": f"{type(error).__name__}: {error}", "seconds": time.perf_counter() - started}
-    return {"ok": True, "message": "", "out_ratio": out_ratio, "lse_ratio": lse_ratio,
+    return {"ok": True, "message": "", "sound": ratios.sound, "sharp": ratios.sharp,
             "seconds": time.perf_counter() - started}
 
 
@@ -265,7 +265,7 @@ def main() -> None:
         return
     for case_id, verdict in _worker(args.case or RUNNABLE).items():
         status = "ok  " if verdict["ok"] else "FAIL"
-        ratios = (f"out/bound {verdict['out_ratio']:.3g} lse/bound {verdict['lse_ratio']:.3g}" if verdict["ok"]
+        ratios = (f"error/bound {verdict['sound']:.3g} (sound) {verdict['sharp']:.3g} (sharp)" if verdict["ok"]
                   else verdict["message"])
         print(f"{status} {case_id:32s} {verdict['seconds']:6.2f}s  {ratios}")
 
