@@ -51,6 +51,7 @@ __all__ = ["PropertyReport", "Certificate", "certify", "run_property", "Coverage
 
 SCHEMA = "mla-verify-certificate/2"
 PROGRESS_EVERY = 25  # cases between progress lines
+MAX_SEARCH_ROUNDS = 8  # a round per newly found failure signature, then one that finds none
 
 
 @dataclass
@@ -152,7 +153,9 @@ class Certificate:
 
     @property
     def distinct_failures(self) -> int:
-        return sum(len(p.failures) for p in self.properties)
+        """Distinct failure signatures over all properties (a crash on one case fails every property
+        that calls the kernel on it: one failure)."""
+        return len({failure["signature"] for p in self.properties for failure in p.failures})
 
     @property
     def verdict(self) -> str:
@@ -332,6 +335,15 @@ def _case_failures(error: BaseException) -> list[tuple[CaseFailure, bool]]:
     return []
 
 
+def _run_collecting(test: Callable[[], None]) -> dict[str, tuple[CaseFailure, bool]]:
+    """Run a Hypothesis test; the distinct failures it raised, by signature."""
+    try:
+        test()
+    except (CaseFailure, BaseExceptionGroup) as error:
+        return {failure.finding.signature: (failure, flaky) for failure, flaky in reversed(_case_failures(error))}
+    return {}
+
+
 def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, device: str = "cpu",
                  max_examples: int | None = None, seed: int | None = None,
                  counterexamples: str | Path | None = None, isolated: IsolatedRunner | None = None,
@@ -356,6 +368,8 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
             failure = caught
         if failure is not None:
             report.failed += 1
+            if failure.finding.signature in known:
+                return  # reported by an earlier round: count it and search on
             raise failure.distinct()  # outside the except block: the signature alone tells failures apart
         report.record(ratios, case)
         if profile.targeted:
@@ -368,22 +382,30 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
     # one example-database key per (implementation, property, device): a failure stored for one
     # kernel must not be replayed first for another
     check._hypothesis_internal_add_digest = f"{impl.spec}|{prop.name}|{device}".encode()
-    search = hypothesis_settings(profile, max_examples)(given(strategy)(check))
-    if seed is not None:
-        search = hypothesis.seed(seed)(search)
+    # Hypothesis stops generating soon after its first failure (it then shrinks every distinct one
+    # it has met). So the search runs in rounds: each round treats the failures already reported as
+    # known (counted, not raised) and searches on; the last round is a full run of max_examples
+    # that found nothing new, which is what the passing counts and ratios describe.
+    found: dict[str, tuple[CaseFailure, bool]] = {}
+    known: set[str] = set()
+    for round_number in range(MAX_SEARCH_ROUNDS):
+        search = hypothesis_settings(profile, max_examples)(given(strategy)(check))
+        if seed is not None:
+            search = hypothesis.seed(seed + round_number)(search)
+        new = _run_collecting(search)
+        for signature, entry in new.items():
+            found.setdefault(signature, entry)
+        if not new.keys() - known:
+            break
+        known |= new.keys()
     # The pinned regression cases run after the search: Hypothesis never shrinks an explicit
     # example, so trying them first would report them instead of the search's minimal case.
     pinned = given(strategy)(check)
     for case in pinned_cases(impl.capabilities, device, prop.min_batch):
         pinned = example(prop.prepare(case))(pinned)
     pinned = settings(hypothesis_settings(profile), phases=[Phase.explicit])(pinned)
-    found: dict[str, tuple[CaseFailure, bool]] = {}
-    for run in (search, pinned):
-        try:
-            run()
-        except (CaseFailure, BaseExceptionGroup) as error:
-            for failure, flaky in _case_failures(error):
-                found.setdefault(failure.finding.signature, (failure, flaky))
+    for signature, entry in _run_collecting(pinned).items():
+        found.setdefault(signature, entry)
     for signature, (failure, flaky) in found.items():
         entry = {"signature": signature, "kind": failure.finding.kind.value, "message": failure.finding.message,
                  "case": failure.case.to_dict(), "flaky": flaky, "counterexample": None}
