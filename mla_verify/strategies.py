@@ -185,8 +185,10 @@ def case_supported(capabilities: Capabilities, case: DecodeCase) -> bool:
 
 def pinned_cases(capabilities: Capabilities, device: str = "cpu", min_batch: int = 1) -> list[DecodeCase]:
     """Regression cases every run tries first (Hypothesis explicit examples), adapted to what the
-    implementation declares: every row empty (the bound once crashed on an empty gather; kernels
-    return NaN there), and a full page followed by a NaN-poisoned slot with causal s_q = 2."""
+    implementation declares: every row empty with no block in the pool (the bound once crashed on
+    an empty gather; vLLM's Triton MLA returns NaN there, FlashMLA crashes), one head over a key and
+    over a page and one (vLLM's one-head path), and a full page followed by a NaN-poisoned slot with
+    causal s_q = 2."""
     dtype = dtype_name(capabilities.dtypes[0])
     d, head_dim_v = (capabilities.head_dims or DEFAULT_WIDTHS)[0]
     page = (capabilities.page_sizes or DEFAULT_PAGES)[0]
@@ -195,7 +197,8 @@ def pinned_cases(capabilities: Capabilities, device: str = "cpu", min_batch: int
                       page_size=page, lengths=(0, 0), causal=False, regime="unit", scale="inverse_sqrt_d",
                       permute_pages=False, strided_cache=False, extra_blocks=0, seed=0, layout_seed=0,
                       device=device)
-    cases = [base]
+    # one head over keys: vLLM's Triton MLA takes its MHA path there and rounds the scores to bf16
+    cases = [base, base.replace(lengths=(1, page + 1), permute_pages=True)]
     if capabilities.causal and capabilities.max_s_q >= 2:
         cases.append(base.replace(s_q=2, causal=True, lengths=(page, page + 1), permute_pages=True, extra_blocks=2))
     return [c for c in cases if case_supported(capabilities, c)]
