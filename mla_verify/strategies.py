@@ -150,7 +150,7 @@ def decode_cases(draw: st.DrawFn, capabilities: Capabilities, limits: CaseLimits
     s_q = draw(st.integers(1, min(capabilities.max_s_q, max_s_q)), label="s_q")
     causal = draw(st.booleans(), label="causal") if capabilities.causal else False
     max_len = min(max_len, max(max_work // (batch * s_q * heads * d), page_size + 1))
-    if serving:  # long rows: lengths drawn near the cap, so a bug past a threshold is reached
+    if serving:  # long rows: lengths drawn near the cap (they shrink to half of it), so a bug past a threshold is reached
         long = st.integers(max(max_len // 2, 0), max_len)
         lengths = tuple(draw(st.lists(st.one_of(long, _lengths(page_size, max_len)), min_size=batch,
                                       max_size=batch), label="lengths"))

@@ -94,8 +94,8 @@ def _small(case: DecodeCase, kernel: zoo.ZooKernel) -> list[str]:
         problems.append(f"batch {case.batch} > 2")
     if case.heads > kernel.max_heads:
         problems.append(f"heads {case.heads} > {kernel.max_heads}")
-    if case.s_q > 2:
-        problems.append(f"s_q {case.s_q} > 2")
+    if case.s_q > kernel.max_s_q:
+        problems.append(f"s_q {case.s_q} > {kernel.max_s_q}")
     longest = max(2 * case.page_size + 1, 130, kernel.min_length + 2 * case.page_size)
     if any(n > longest for n in case.lengths):
         problems.append(f"lengths {list(case.lengths)} exceed {longest}")

@@ -37,6 +37,7 @@ class ZooKernel:
     max_heads: int = 16  # the shrunk case needs no more heads (unless the bug is about heads)
     distinct: int = 1  # independent bugs in the kernel, each to be reported with its own case
     min_length: int = 0  # the shortest sequence on which the bug shows (serving-scale bugs)
+    max_s_q: int = 2  # the shrunk case needs no more queries
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +84,8 @@ ZOO = (
     _zoo(interface.out_in_float32, M, K.WRONG_SHAPE, benign={}),
     _zoo(interface.v_from_wrong_columns, M, K.WRONG_VALUES),
     _zoo(interface.scores_without_rope, M, K.WRONG_LSE, K.WRONG_VALUES),
-    _zoo(interface.out_rows_left_unwritten, M, K.WRONG_VALUES, K.NONFINITE, benign={"heads": 16}),
+    # what the unwritten rows hold depends on the allocator, so its shrinking is not reproducible
+    _zoo(interface.out_rows_left_unwritten, M, K.WRONG_VALUES, K.NONFINITE, benign={"heads": 16}, max_s_q=4),
     _zoo(determinism.atomic_split_accumulation, "deterministic", K.NONDETERMINISM, benign={"lengths": (2,)}),
     _zoo(cross_row.softmax_max_over_batch, "rows_independent", K.CROSS_ROW_DEPENDENCE,
          benign={"batch": 2, "lengths": (5, 0)}),
@@ -93,11 +95,13 @@ ZOO = (
          min_length=32768),
     _zoo(subtle.scale_off_by_1e3, M, K.WRONG_LSE, K.WRONG_VALUES),
     _zoo(subtle.pv_accumulated_in_bf16_tiles, M, K.WRONG_VALUES, benign={"dtype": "bfloat16", "lengths": (64,)}),
-    _zoo(subtle.normaliser_in_bf16, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"dtype": "bfloat16", "lengths": (1,)}),
+    _zoo(subtle.normaliser_in_bf16, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"dtype": "bfloat16", "lengths": (1,)},
+         min_length=300),
     _zoo(subtle.late_rescale, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"lengths": (4096,)}, min_length=32768),
     # two independent bugs (vLLM's Triton MLA, seen on an H200): both must be reported, each with its own case
+    # (its second failure may be met first in a serving-scale case, whose lengths shrink only to half the cap)
     _zoo(subtle.two_bugs_empty_nan_and_one_head_bf16_scores, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES,
-         benign={"heads": 2}, distinct=2),
+         benign={"heads": 2}, distinct=2, min_length=16384),
 )
 
 
