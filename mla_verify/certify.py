@@ -6,29 +6,42 @@ kind and where it arises, see `mla_verify.checks.Finding`) is shrunk on its own 
 A case the kernel declines (`mla_verify.Declined`, NotImplementedError) is counted with its reason
 and the search goes on; with `strict` it is a failure.
 
-Certificate schema (JSON, "schema": "mla-verify-certificate/2"):
+Certificate schema (JSON, "schema": "mla-verify-certificate/3"; strict JSON: non-finite floats are
+the strings "inf", "-inf", "nan"):
     implementation  {name, spec, capabilities}        what was certified and what it claims
-    versions        {mla_verify, torch, hypothesis, python, [triton]}
+    versions        {mla_verify, torch, hypothesis, numpy, python, [triton], [the kernel's library]}
     device          {type, name}
-    settings        {profile, max_examples, seed, isolated, strict, limits}
+    provenance      {created, command, revision, kernel_source {path, sha256}, cpu, host}
+    settings        {profile, max_examples, seed, isolated, strict, timeout_s, properties, limits}
     verdict         "pass" | "pass with declined cases" | "fail"
+    headline        "PASS" | "PASS with declined cases (k of n cases declined)" | "FAIL: N distinct failures"
     distinct_failures  int                            over all properties
     properties      [{name, description, verdict, examples, passed, failed, declined,
                       declined_reasons {reason: count}, max_ratio, max_sharp_ratio, worst_case,
-                      worst_sharp_case, coverage, failures: [{signature, kind, message, case,
-                      counterexample, flaky}]}]
+                      worst_sharp_case, worst {sound, sharp}, coverage {..., counts {category: cases}},
+                      failures: [{signature, kind, message, ratio, case, description, counterexample, flaky}],
+                      cases: [{outcome, sound, sharp, dtype, heads, batch, s_q, max_length, page_size,
+                               regime, causal}]}]
     not_covered     [str]                             what the declaration left out and the limits drawn
     elapsed_s       float
 max_ratio / max_sharp_ratio are the largest observed error / tolerance of each tier over the cases
-that passed (≤ 1); worst_case / worst_sharp_case the cases that reached them.
+that passed (≤ 1); worst_case / worst_sharp_case the cases that reached them, and worst says where
+(the element or row, its error and its tolerance). cases has one record per case judged, shrinking
+steps included; a failing case carries the ratio of the tier it failed, when it has one.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import inspect
+import math
 import multiprocessing
+import multiprocessing.connection
 import platform
 import random
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,20 +50,23 @@ from typing import Callable
 
 import hypothesis
 import hypothesis.errors
+import numpy
 import torch
 from hypothesis import Phase, example, given, settings, target
 
 import mla_verify
-from mla_verify.checks import CaseDeclined, CaseFailure, FailureKind, Finding, Implementation, Ratios
+from mla_verify.checks import (DEFAULT_TIMEOUT_S, CaseDeclined, CaseFailure, FailureKind, Finding,
+                               Implementation, Ratios)
 from mla_verify.counterexample import save_counterexample
 from mla_verify.decode_properties import DECODE_PROPERTIES, DecodeProperty, property_named
 from mla_verify.profiles import PROFILES, Profile, hypothesis_settings
+from mla_verify.progress import Progress
+from mla_verify.registry import module_root
 from mla_verify.strategies import DEFAULT_PAGES, DEFAULT_WIDTHS, DecodeCase, decode_cases, dtype_name, pinned_cases
 
 __all__ = ["PropertyReport", "Certificate", "certify", "run_property", "Coverage", "not_covered"]
 
-SCHEMA = "mla-verify-certificate/2"
-PROGRESS_EVERY = 25  # cases between progress lines
+SCHEMA = "mla-verify-certificate/3"
 MAX_SEARCH_ROUNDS = 8  # a round per newly found failure signature, then one that finds none
 
 
@@ -72,8 +88,17 @@ class Coverage:
     max_work: int = 0
     # cases with a batch of at least 32 or a sequence of at least 4096 tokens
     serving_scale: int = 0
+    # cases per category: each dtype, causal, empty rows, varlen, strided, permuted, pooled, ...
+    counts: dict = field(default_factory=dict)
 
     def add(self, case: DecodeCase) -> None:
+        for category, present in ((case.dtype, True), ("causal", case.causal), ("s_q > 1", case.s_q > 1),
+                                  ("empty rows", 0 in case.lengths), ("varlen", len(set(case.lengths)) > 1),
+                                  ("strided cache", case.strided_cache), ("permuted pages", case.permute_pages),
+                                  ("pooled cache", case.pooled_cache), ("q " + case.q_layout, True),
+                                  ("serving scale", _serving_scale(case))):
+            if present:
+                self.counts[category] = self.counts.get(category, 0) + 1
         self.dtypes.add(case.dtype)
         self.heads.add(case.heads)
         self.page_sizes.add(case.page_size)
@@ -88,11 +113,16 @@ class Coverage:
         self.max_length = max(self.max_length, max(case.lengths, default=0))
         self.max_batch = max(self.max_batch, case.batch)
         self.max_work = max(self.max_work, case.work)
-        self.serving_scale += case.batch >= 32 or max(case.lengths, default=0) >= 4096
+        self.serving_scale += _serving_scale(case)
 
     def to_dict(self) -> dict:
-        return {key: sorted(value, key=lambda v: (type(v).__name__, v)) if isinstance(value, set) else value
+        return {key: sorted(value, key=lambda v: (type(v).__name__, v)) if isinstance(value, set) else
+                dict(sorted(value.items())) if isinstance(value, dict) else value
                 for key, value in vars(self).items()}
+
+
+def _serving_scale(case: DecodeCase) -> bool:
+    return case.batch >= 32 or max(case.lengths, default=0) >= 4096
 
 
 def _length_kind(n: int, page: int) -> str:
@@ -102,6 +132,12 @@ def _length_kind(n: int, page: int) -> str:
         if n == value:
             return name
     return "multiple of page" if n % page == 0 else "other"
+
+
+def _case_record(case: DecodeCase, outcome: str, sound: float | None = None, sharp: float | None = None) -> dict:
+    return {"outcome": outcome, "sound": sound, "sharp": sharp, "dtype": case.dtype, "heads": case.heads,
+            "batch": case.batch, "s_q": case.s_q, "max_length": max(case.lengths, default=0),
+            "page_size": case.page_size, "regime": case.regime, "causal": case.causal}
 
 
 @dataclass
@@ -117,8 +153,12 @@ class PropertyReport:
     max_sharp_ratio: float = 0.0
     worst_case: dict | None = None
     worst_sharp_case: dict | None = None
+    # where each tier's largest ratio arose, with the error and the tolerance there
+    worst: dict = field(default_factory=lambda: {"sound": "", "sharp": ""})
     coverage: Coverage = field(default_factory=Coverage)
     failures: list = field(default_factory=list)
+    # one record per case judged (outcome, both ratios, the case's shape), for plots and audits
+    cases: list = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -128,11 +168,13 @@ class PropertyReport:
 
     def record(self, ratios: Ratios, case: DecodeCase) -> None:
         self.passed += 1
+        self.cases.append(_case_record(case, "pass", ratios.sound, ratios.sharp))
         # exact properties (ratio 0) have no worst case
         if ratios.sound > self.max_ratio:
-            self.max_ratio, self.worst_case = ratios.sound, case.to_dict()
+            self.max_ratio, self.worst_case, self.worst["sound"] = ratios.sound, case.to_dict(), ratios.sound_at
         if ratios.sharp > self.max_sharp_ratio:
-            self.max_sharp_ratio, self.worst_sharp_case = ratios.sharp, case.to_dict()
+            self.max_sharp_ratio, self.worst_sharp_case, self.worst["sharp"] = (ratios.sharp, case.to_dict(),
+                                                                              ratios.sharp_at)
 
     def to_dict(self) -> dict:
         data = dict(vars(self))
@@ -150,6 +192,7 @@ class Certificate:
     properties: list[PropertyReport]
     not_covered: list[str]
     elapsed_s: float
+    provenance: dict = field(default_factory=dict)
 
     @property
     def distinct_failures(self) -> int:
@@ -174,62 +217,114 @@ class Certificate:
         return f"PASS with declined cases ({declined} of {examples} cases declined)"
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "implementation": self.implementation, "versions": self.versions,
-                "device": self.device, "settings": self.settings, "verdict": self.verdict,
-                "distinct_failures": self.distinct_failures,
-                "properties": [p.to_dict() for p in self.properties], "not_covered": self.not_covered,
-                "elapsed_s": round(self.elapsed_s, 2)}
+        """The certificate as JSON-ready data (infinities and NaN as the strings "inf", "-inf", "nan")."""
+        return json_safe({"schema": SCHEMA, "implementation": self.implementation, "versions": self.versions,
+                          "device": self.device, "provenance": self.provenance, "settings": self.settings,
+                          "verdict": self.verdict, "headline": self.headline(),
+                          "distinct_failures": self.distinct_failures,
+                          "properties": [p.to_dict() for p in self.properties], "not_covered": self.not_covered,
+                          "elapsed_s": round(self.elapsed_s, 2)})
 
     def to_markdown(self) -> str:
-        impl, lines = self.implementation, []
-        lines.append(f"# MLA decode certificate: {impl['name']} — {self.headline()}")
+        return certificate_markdown(self.to_dict())
+
+
+def json_safe(value: object) -> object:
+    """`value` with every non-finite float as a string: strict JSON has no inf or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+# what a bare function is assumed to do; a declaration that differs is printed in the certificate
+_DEFAULT_CLAIMS = {"lse_base": "e", "empty_row_lse": "-inf", "accumulation_dtype": None, "p_dtype": None,
+                   "partials_dtype": None, "deterministic": True}
+
+
+def _ratio(value: object) -> str:
+    return value if isinstance(value, str) else f"{value:.3g}"
+
+
+def certificate_markdown(data: dict) -> str:
+    """The Markdown page of a certificate's data (to_dict()); pipes in messages are escaped."""
+    impl, lines = data["implementation"], []
+    lines.append(f"# MLA decode certificate: {impl['name']} — {data['headline']}")
+    lines.append("")
+    lines.append(f"- implementation: `{impl['spec']}`")
+    claims = {k: impl["capabilities"].get(k) for k, v in _DEFAULT_CLAIMS.items()
+              if k in impl["capabilities"] and impl["capabilities"].get(k) != v}
+    if claims:
+        lines.append("- declared, judged accordingly: " + ", ".join(f"{k} = {v}" for k, v in claims.items()))
+    lines.append(f"- device: {data['device']['type']} ({data['device']['name']})")
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
+    s = data["settings"]
+    lines.append(f"- profile: {s['profile']}, {s['max_examples']} examples per property, seed {s['seed']}, "
+                 f"isolated: {s['isolated']}, strict: {s['strict']}, time limit per call: {s.get('timeout_s')} s")
+    provenance = data.get("provenance") or {}
+    if provenance.get("command"):
+        lines.append(f"- command: `{provenance['command']}`")
+    for key in ("created", "revision", "cpu"):
+        if provenance.get(key):
+            lines.append(f"- {key}: {provenance[key]}")
+    if provenance.get("kernel_source"):
+        source = provenance["kernel_source"]
+        lines.append(f"- kernel source: `{source['path']}` (sha256 {source['sha256'][:16]}…)")
+    lines.append(f"- elapsed: {data['elapsed_s']:.1f} s")
+    lines.append("")
+    lines.append("| property | verdict | cases | passed | failed | declined | max error/bound (sound) "
+                 "| max error/tolerance (sharp) | worst failure (error/bound) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for p in data["properties"]:
+        worst_failure = max((f["ratio"] for f in p["failures"] if not isinstance(f["ratio"], str)), default=None)
+        failing = ("—" if not p["failures"] else "∞ or not a ratio" if worst_failure is None
+                   else f"{worst_failure:.3g}")
+        lines.append(f"| {p['name']} | {p['verdict']} | {p['examples']} | {p['passed']} | {p['failed']} | "
+                     f"{p['declined']} | {_ratio(p['max_ratio'])} | {_ratio(p['max_sharp_ratio'])} | {failing} |")
+    lines.append("")
+    lines.append("error/bound is the observed error divided by the tolerance the case allows; ≤ 1 passes. The "
+                 "max columns are over the cases that passed. Sound tier: a worst-case rounding-error bound, "
+                 "element by element. Sharp tier: a probabilistic rounding model on the lse and on each row's "
+                 "error norm (see mla_verify/error_bounds.py).")
+    for p in data["properties"]:
+        for number, failure in enumerate(p["failures"], 1):
+            lines.append("")
+            lines.append(f"## {p['name']}: failure {number} of {len(p['failures'])} — {_escape(failure['signature'])}")
+            lines.append("")
+            lines.append(f"- {_escape(failure['message'])}" + (" (flaky)" if failure.get("flaky") else ""))
+            lines.append(f"- minimal case: `{_describe_case(failure)}`")
+            if failure.get("counterexample"):
+                lines.append(f"- counterexample: `{failure['counterexample']}` "
+                             f"(replay: `mla-verify replay {failure['counterexample']}`)")
+        if p["declined_reasons"]:
+            lines.append("")
+            lines.append(f"Declined by {p['name']} ({p['declined']} of {p['examples']} cases):")
+            lines += [f"- {count} × {_escape(reason)}" for reason, count in p["declined_reasons"].items()]
+    lines.append("")
+    for p in data["properties"]:
+        for tier, case_key in (("sound", "worst_case"), ("sharp", "worst_sharp_case")):
+            if p.get(case_key):
+                where = p.get("worst", {}).get(tier)
+                lines.append(f"- worst passing case of {p['name']} ({tier}): "
+                             f"`{DecodeCase.from_dict(p[case_key]).describe()}`" + (f"; {_escape(where)}" if where else ""))
+    lines.append("")
+    first = data["properties"][0] if data["properties"] else None
+    if first:
+        counts = first["coverage"].get("counts", {})
+        lines.append(f"Cases of {first['name']} per category: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         lines.append("")
-        lines.append(f"- implementation: `{impl['spec']}`")
-        lines.append(f"- device: {self.device['type']} ({self.device['name']})")
-        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()))
-        s = self.settings
-        lines.append(f"- profile: {s['profile']}, {s['max_examples']} examples per property, seed {s['seed']}, "
-                     f"isolated: {s['isolated']}, strict: {s['strict']}")
-        lines.append(f"- elapsed: {self.elapsed_s:.1f} s")
+        coverage = {k: v for k, v in first["coverage"].items() if k != "counts"}
+        lines.append(f"Coverage ({first['name']}): " + "; ".join(f"{k}: {v}" for k, v in coverage.items()))
         lines.append("")
-        lines.append("| property | verdict | cases | passed | failed | declined | max error/bound (sound) "
-                     "| max error/tolerance (sharp) |")
-        lines.append("|---|---|---|---|---|---|---|---|")
-        for p in self.properties:
-            lines.append(f"| {p.name} | {p.verdict} | {p.examples} | {p.passed} | {p.failed} | {p.declined} | "
-                         f"{p.max_ratio:.3g} | {p.max_sharp_ratio:.3g} |")
-        lines.append("")
-        lines.append("The ratios are over the cases that passed. Sound tier: worst-case rounding-error bound, "
-                     "element by element. Sharp tier: probabilistic rounding model on the lse and on each "
-                     "row's error norm (see mla_verify/error_bounds.py).")
-        for p in self.properties:
-            for number, failure in enumerate(p.failures, 1):
-                lines.append("")
-                lines.append(f"## {p.name}: failure {number} of {len(p.failures)} — {_escape(failure['signature'])}")
-                lines.append("")
-                lines.append(f"- {_escape(failure['message'])}" + (" (flaky)" if failure.get("flaky") else ""))
-                lines.append(f"- minimal case: `{DecodeCase.from_dict(failure['case']).describe()}`")
-                if failure.get("counterexample"):
-                    lines.append(f"- counterexample: `{failure['counterexample']}` "
-                                 f"(replay: `mla-verify replay {failure['counterexample']}`)")
-            if p.declined_reasons:
-                lines.append("")
-                lines.append(f"Declined by {p.name} ({p.declined} of {p.examples} cases):")
-                lines += [f"- {count} × {_escape(reason)}" for reason, count in p.declined_reasons.items()]
-        lines.append("")
-        for p in self.properties:
-            if p.worst_case:
-                lines.append(f"- worst passing case of {p.name} (sound): `{DecodeCase.from_dict(p.worst_case).describe()}`")
-            if p.worst_sharp_case:
-                lines.append(f"- worst passing case of {p.name} (sharp): "
-                             f"`{DecodeCase.from_dict(p.worst_sharp_case).describe()}`")
-        lines.append("")
-        coverage = self.properties[0].coverage.to_dict() if self.properties else {}
-        lines.append(f"Coverage ({self.properties[0].name if self.properties else '-'}): "
-                     + "; ".join(f"{k}: {v}" for k, v in coverage.items()))
-        lines.append("")
-        lines.append("Not covered: " + ("; ".join(self.not_covered) if self.not_covered else "nothing declared out"))
-        return "\n".join(lines) + "\n"
+    lines.append("Not covered: " + ("; ".join(data["not_covered"]) if data["not_covered"] else "nothing declared out"))
+    return "\n".join(lines) + "\n"
+
+
+def _describe_case(failure: dict) -> str:
+    return failure.get("description") or DecodeCase.from_dict(failure["case"]).describe()
 
 
 def _escape(text: str) -> str:
@@ -271,56 +366,91 @@ def not_covered(impl: Implementation, device: str, coverage: Coverage | None = N
     return gaps
 
 
-def _isolated_check(spec: str, prop_name: str, case_dict: dict) -> tuple[str, object]:
-    """Child-process body: ('ok', (sound, sharp)), ('declined', reason) or ('fail', (kind, message, ratio, locus))."""
+def _serve_isolated(connection: multiprocessing.connection.Connection, spec: str, timeout_s: float | None) -> None:
+    """Child-process body: judge each (property, case) sent until None arrives. Replies
+    ('ok', Ratios), ('declined', reason) or ('fail', Finding)."""
     from mla_verify.registry import resolve
 
-    impl = resolve(spec)
-    try:
-        ratios = property_named(prop_name).check(impl, DecodeCase.from_dict(case_dict))
-        return "ok", (ratios.sound, ratios.sharp)
-    except CaseDeclined as declined:
-        return "declined", declined.reason
-    except CaseFailure as failure:
-        f = failure.finding
-        return "fail", (f.kind.value, f.message, f.ratio, f.locus)
+    impl = dataclasses.replace(resolve(spec), timeout_s=timeout_s)
+    while (request := connection.recv()) is not None:
+        prop_name, case_dict = request
+        try:
+            reply = "ok", property_named(prop_name).check(impl, DecodeCase.from_dict(case_dict))
+        except CaseDeclined as declined:
+            reply = "declined", declined.reason
+        except CaseFailure as failure:
+            reply = "fail", failure.finding
+        connection.send(reply)
+
+
+# failures after which the child may hold a broken state (a sticky CUDA error, a half-finished call)
+_RESTART_AFTER = {FailureKind.EXCEPTION, FailureKind.CRASH, FailureKind.TIMEOUT}
+# time a child gets beyond the kernel's own limit (building the case, the reference) before it is killed
+_ISOLATION_GRACE_S = 120.0
 
 
 class IsolatedRunner:
-    """Runs each case in a child process, so that a segfault or a CUDA illegal-address error is a
-    counterexample rather than the end of the run. The child is replaced after any failure."""
+    """Runs each case in a child process, so that a segfault, a CUDA illegal-address error or a
+    hang is a counterexample rather than the end of the run. The child is replaced after a crash,
+    a timeout or an exception; wrong numbers leave it running, as starting one costs seconds
+    (CUDA context, kernel loading)."""
 
-    def __init__(self) -> None:
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+    def __init__(self, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._child: multiprocessing.process.BaseProcess | None = None
+        self._connection: multiprocessing.connection.Connection | None = None
+        self._spec: str | None = None
 
-    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
-        if self._pool is None:
-            # A fork server that has imported torch (but touched no GPU) starts each child in
-            # milliseconds and gives it a CUDA context of its own.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["torch", "mla_verify.checks", "mla_verify.registry"])
-            self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context)
-        return self._pool
+    def _start(self, spec: str) -> multiprocessing.connection.Connection:
+        if self._child is not None and self._spec == spec and self._child.is_alive():
+            return self._connection
+        self.close()
+        # A fork server that has imported torch and the kernel's module (but touched no GPU)
+        # starts each child quickly and gives it a CUDA context of its own.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "mla_verify.decode_properties", "mla_verify.registry",
+                                        spec.partition(":")[0]])
+        ours, theirs = context.Pipe()
+        self._child = context.Process(target=_serve_isolated, args=(theirs, spec, self.timeout_s), daemon=True)
+        self._child.start()
+        theirs.close()
+        self._connection, self._spec = ours, spec
+        return ours
 
     def check(self, impl: Implementation, prop: DecodeProperty, case: DecodeCase) -> Ratios:
+        connection = self._start(impl.spec)
+        limit = None if self.timeout_s is None else self.timeout_s + _ISOLATION_GRACE_S
         try:
-            status, payload = self._executor().submit(_isolated_check, impl.spec, prop.name, case.to_dict()).result()
-        except concurrent.futures.process.BrokenProcessPool:
+            connection.send((prop.name, case.to_dict()))
+            if not connection.poll(limit):
+                self.close()
+                raise CaseFailure(Finding(FailureKind.TIMEOUT, f"the case did not finish within {limit:g} s; "
+                                          "the child process running it was killed"), case)
+            status, payload = connection.recv()
+        except (EOFError, OSError):
             self.close()
             raise CaseFailure(Finding(FailureKind.CRASH, "the child process running the kernel died "
                                       "(segfault, abort or a fatal CUDA error)"), case) from None
         if status == "ok":
-            return Ratios(*payload)
+            return payload
         if status == "declined":
             raise CaseDeclined(payload, case)
-        self.close()
-        kind, message, ratio, locus = payload
-        raise CaseFailure(Finding(FailureKind(kind), message, ratio, locus), case)
+        if payload.kind in _RESTART_AFTER:
+            self.close()
+        raise CaseFailure(payload, case)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        if self._child is not None:
+            try:
+                self._connection.send(None)
+            except OSError:
+                pass
+            self._child.join(1.0)
+            if self._child.is_alive():
+                self._child.kill()
+                self._child.join()
+            self._connection.close()
+        self._child = self._connection = self._spec = None
 
 
 def _case_failures(error: BaseException) -> list[tuple[CaseFailure, bool]]:
@@ -347,14 +477,23 @@ def _run_collecting(test: Callable[[], None]) -> dict[str, tuple[CaseFailure, bo
 def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, device: str = "cpu",
                  max_examples: int | None = None, seed: int | None = None,
                  counterexamples: str | Path | None = None, isolated: IsolatedRunner | None = None,
-                 strict: bool = False, progress: Callable[[str], None] = lambda message: None) -> PropertyReport:
+                 strict: bool = False, progress: Progress | None = None) -> PropertyReport:
     """Run one property under Hypothesis; shrink each distinct failure to a minimal case and save it."""
     report = PropertyReport(prop.name, prop.description)
+    progress = progress or Progress()
+    planned = max_examples or profile.max_examples
+    plan = {"cases": planned}  # grows by a round's examples when a round finds a new failure
     strategy = decode_cases(impl.capabilities, profile.limits, device, min_batch=prop.min_batch).map(prop.prepare)
 
     def check(case: DecodeCase) -> None:
         report.examples += 1
         report.coverage.add(case)
+        try:
+            judge(case)
+        finally:
+            progress.case_done(report, plan["cases"])
+
+    def judge(case: DecodeCase) -> None:
         failure = None
         try:
             ratios = isolated.check(impl, prop, case) if isolated else prop.check(impl, case)
@@ -362,12 +501,16 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
             if not strict:
                 report.declined += 1
                 report.declined_reasons[declined.reason] = report.declined_reasons.get(declined.reason, 0) + 1
+                report.cases.append(_case_record(case, "declined"))
                 return
             failure = CaseFailure(Finding(FailureKind.DECLINED, declined.reason), case)
         except CaseFailure as caught:
             failure = caught
         if failure is not None:
             report.failed += 1
+            ratio = failure.finding.ratio if math.isfinite(failure.finding.ratio) else None
+            sharp = "sharp tier" in failure.finding.message
+            report.cases.append(_case_record(case, "fail", None if sharp else ratio, ratio if sharp else None))
             if failure.finding.signature in known:
                 return  # reported by an earlier round: count it and search on
             raise failure.distinct()  # outside the except block: the signature alone tells failures apart
@@ -375,9 +518,6 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
         if profile.targeted:
             target(ratios.sound, label="error/bound")
             target(ratios.sharp, label="error/sharp tolerance")
-        if report.examples % PROGRESS_EVERY == 0:
-            progress(f"  {prop.name}: {report.examples} cases, max error/bound {report.max_ratio:.3g} (sound), "
-                     f"{report.max_sharp_ratio:.3g} (sharp), {report.failed} failing")
 
     # one example-database key per (implementation, property, device): a failure stored for one
     # kernel must not be replayed first for another
@@ -398,6 +538,7 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
         if not new.keys() - known:
             break
         known |= new.keys()
+        plan["cases"] = report.examples + planned
     # The pinned regression cases run after the search: Hypothesis never shrinks an explicit
     # example, so trying them first would report them instead of the search's minimal case.
     pinned = given(strategy)(check)
@@ -408,7 +549,8 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
         found.setdefault(signature, entry)
     for signature, (failure, flaky) in found.items():
         entry = {"signature": signature, "kind": failure.finding.kind.value, "message": failure.finding.message,
-                 "case": failure.case.to_dict(), "flaky": flaky, "counterexample": None}
+                 "ratio": failure.finding.ratio, "case": failure.case.to_dict(),
+                 "description": failure.case.describe(), "flaky": flaky, "counterexample": None}
         if counterexamples is not None:
             entry["counterexample"] = str(save_counterexample(counterexamples, impl, prop.name, failure))
         report.failures.append(entry)
@@ -419,7 +561,7 @@ def _versions(impl: Implementation) -> dict:
     from mla_verify.registry import library_version
 
     versions = {"mla_verify": mla_verify.__version__, "torch": torch.__version__,
-                "hypothesis": hypothesis.__version__, "python": platform.python_version()}
+                "hypothesis": hypothesis.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
     library = library_version(impl.spec)
     if library is not None:
         versions[library[0]] = library[1]
@@ -435,14 +577,67 @@ def _device_info(device: str) -> dict:
     return {"type": device, "name": platform.processor() or platform.machine()}
 
 
+def _provenance(impl: Implementation, command: str | None) -> dict:
+    """When, how and from what the certificate was made: enough to rerun it and to tell whether the
+    kernel's source or this tool has changed since."""
+    return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "revision": _revision(), "kernel_source": _source_of(impl.fn),
+            "cpu": _cpu_model(), "host": platform.platform()}
+
+
+def _revision() -> str | None:
+    """The version-control revision of this mla_verify checkout ('+dirty' with local changes), if any."""
+    here = Path(mla_verify.__file__).resolve().parent
+    try:
+        revision = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                  text=True, timeout=10)
+        if revision.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return revision.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _source_of(fn: Callable) -> dict | None:
+    try:
+        path = inspect.getsourcefile(inspect.unwrap(fn))
+    except TypeError:
+        return None
+    if path is None or not Path(path).is_file():
+        return None
+    # named from the folder it was imported from, so that certificates carry no machine's layout
+    root = module_root(inspect.unwrap(fn))
+    shown = Path(path).resolve()
+    if root is not None and shown.is_relative_to(root):
+        shown = shown.relative_to(root)
+    return {"path": shown.as_posix() if not shown.is_absolute() else shown.name,
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def certify(impl: Implementation, profile: str = "default", device: str = "cpu", max_examples: int | None = None,
             seed: int | None = None, counterexamples: str | Path | None = None, isolate: bool = False,
-            properties: list[str] | None = None, strict: bool = False,
-            progress: Callable[[str], None] = lambda message: None) -> Certificate:
+            properties: list[str] | None = None, strict: bool = False, progress: Progress | None = None,
+            timeout_s: float | None = DEFAULT_TIMEOUT_S, command: str | None = None) -> Certificate:
+    """Certify `impl` under a profile. timeout_s limits each kernel call (None: no limit); command is
+    the command line recorded in the certificate."""
     chosen = PROFILES[profile]
     selected = [property_named(name) for name in properties] if properties else list(DECODE_PROPERTIES)
     seed = random.randrange(2**32) if seed is None else seed
-    isolated = IsolatedRunner() if isolate else None
+    progress = progress or Progress()
+    impl = dataclasses.replace(impl, timeout_s=timeout_s)
+    isolated = IsolatedRunner(timeout_s) if isolate else None
     started = time.perf_counter()
     reports = []
     threads = torch.get_num_threads()
@@ -450,11 +645,10 @@ def certify(impl: Implementation, profile: str = "default", device: str = "cpu",
         torch.set_num_threads(1)  # the cases are small: two intra-op threads made them ~3x slower on 2 cores
     try:
         for prop in selected:
-            progress(f"{prop.name}: {prop.description}")
+            progress.start(prop.name, prop.description, max_examples or chosen.max_examples)
             report = run_property(impl, prop, chosen, device, max_examples, seed, counterexamples, isolated,
                                   strict, progress)
-            progress(f"  {prop.name}: {report.verdict.upper()} ({report.examples} cases, {report.failed} failing, "
-                     f"{report.declined} declined, {len(report.failures)} distinct failures)")
+            progress.finish(report)
             reports.append(report)
     finally:
         torch.set_num_threads(threads)
@@ -471,7 +665,7 @@ def certify(impl: Implementation, profile: str = "default", device: str = "cpu",
         implementation={"name": impl.name, "spec": impl.spec, "capabilities": capabilities},
         versions=_versions(impl), device=_device_info(device),
         settings={"profile": profile, "max_examples": max_examples or chosen.max_examples, "seed": seed,
-                  "isolated": isolate, "strict": strict, "properties": [p.name for p in selected],
-                  "limits": vars(chosen.limits)},
+                  "isolated": isolate, "strict": strict, "timeout_s": timeout_s,
+                  "properties": [p.name for p in selected], "limits": vars(chosen.limits)},
         properties=reports, not_covered=not_covered(impl, device, reports[0].coverage if reports else None),
-        elapsed_s=time.perf_counter() - started)
+        elapsed_s=time.perf_counter() - started, provenance=_provenance(impl, command))

@@ -11,10 +11,13 @@ raised exception): the certifier reports one minimal case per distinct signature
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
+import signal
+import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -25,7 +28,12 @@ from mla_verify.reference import paged_decode_terms
 from mla_verify.strategies import DecodeCase
 
 __all__ = ["FailureKind", "Finding", "CaseFailure", "CaseDeclined", "Implementation", "Expected", "Observed",
-           "Ratios", "EMPTY_ROWS", "worst_ratio", "call_kernel", "expected_for", "compare", "check_case"]
+           "Ratios", "EMPTY_ROWS", "DEFAULT_TIMEOUT_S", "CallTimedOut", "deadline", "worst_ratio", "call_kernel",
+           "expected_for", "compare", "diagnose", "check_case"]
+
+
+# a first call may compile (Triton, FlashInfer's JIT): minutes are normal, an hour is a hang
+DEFAULT_TIMEOUT_S = 600.0
 
 
 class FailureKind(str, enum.Enum):
@@ -89,13 +97,18 @@ class CaseDeclined(Exception):
 
 @dataclass(frozen=True)
 class Ratios:
-    """Largest observed error / tolerance of a case in each tier (0 for exact properties)."""
+    """Largest observed error / tolerance of a case in each tier (0 for exact properties), and where
+    each was reached with the error and the tolerance there (empty for exact properties)."""
 
     sound: float = 0.0
     sharp: float = 0.0
+    sound_at: str = ""
+    sharp_at: str = ""
 
     def worst(self, other: Ratios) -> Ratios:
-        return Ratios(max(self.sound, other.sound), max(self.sharp, other.sharp))
+        sound = self if self.sound >= other.sound else other
+        sharp = self if self.sharp >= other.sharp else other
+        return Ratios(sound.sound, sharp.sharp, sound.sound_at, sharp.sharp_at)
 
 
 @dataclass
@@ -106,6 +119,8 @@ class Implementation:
     spec: str
     fn: Callable
     capabilities: Capabilities = field(default_factory=Capabilities)
+    # wall-time limit of one kernel call; None: no limit
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
 
 
 @dataclass
@@ -128,6 +143,45 @@ class Expected:
     has_key: torch.Tensor
 
 
+class CallTimedOut(BaseException):
+    """Raised into a kernel call that outlives its time limit; a BaseException, so that a kernel's
+    own `except Exception` does not swallow it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Interrupt the block with CallTimedOut after `seconds` of wall time. It works where Python
+    regains control (a Python loop, a sleep); a call stuck inside native code is stopped only by
+    running each case in a child process (--isolate), whose parent kills it."""
+    usable = (seconds is not None and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise CallTimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _type_names(result: object) -> str:
+    """What a kernel returned, named so that the fix is plain (numpy arrays, a single tensor, …)."""
+    items = result if isinstance(result, (tuple, list)) else None
+    if items is None:
+        return type(result).__name__
+    names = [f"{type(t).__module__.split('.')[0]}.{type(t).__name__}" for t in items]
+    hint = ("; convert numpy arrays with torch.from_numpy(...).to(q.device)"
+            if any(name.startswith("numpy.") for name in names) else "")
+    return f"{type(result).__name__} of {len(items)} ({', '.join(names)}){hint}"
+
+
 def _fail(kind: FailureKind, message: str, case: DecodeCase, ratio: float = math.inf, locus: str = "") -> CaseFailure:
     return CaseFailure(Finding(kind, message, ratio, locus), case)
 
@@ -146,11 +200,18 @@ def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
     before = inputs.snapshot()
     _poison_allocator(case, inputs.q.device)
     try:
-        result = impl.fn(*inputs.arguments, causal=case.causal)
-        if case.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        with deadline(impl.timeout_s):
+            result = impl.fn(*inputs.arguments, causal=case.causal)
+            if case.device.startswith("cuda"):
+                torch.cuda.synchronize()
     except (Declined, NotImplementedError) as error:
         raise CaseDeclined(f"{type(error).__name__}: {error}".strip().splitlines()[0][:300], case) from None
+    except CallTimedOut:
+        raise _fail(FailureKind.TIMEOUT, f"the kernel did not return within {impl.timeout_s:g} s "
+                    "(raise the limit with --timeout)", case) from None
+    except SystemExit as error:  # would otherwise end the certifier with the kernel's exit code
+        raise _fail(FailureKind.EXCEPTION, f"the kernel called sys.exit({error.code!r})", case,
+                    locus="SystemExit") from None
     except Exception as error:  # the kernel's own failure is the finding
         raise _fail(FailureKind.EXCEPTION, f"{type(error).__name__}: {error}".strip(), case,
                     locus=type(error).__name__) from error
@@ -162,8 +223,8 @@ def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
         raise _fail(FailureKind.INPUT_MODIFIED, f"{', '.join(modified)} changed during the call", case)
     if not (isinstance(result, (tuple, list)) and len(result) == 2
             and all(isinstance(t, torch.Tensor) for t in result)):
-        raise _fail(FailureKind.WRONG_SHAPE, f"expected a tuple (out, lse) of tensors, got {type(result).__name__}",
-                    case)
+        raise _fail(FailureKind.WRONG_SHAPE, f"expected a tuple (out, lse) of torch tensors, got "
+                    f"{_type_names(result)}", case)
     # copies: a kernel may hand back the same static buffer on every call
     out, lse = (t.detach().clone() for t in result)
     want_out = (case.batch, case.s_q, case.heads, case.head_dim_v)
@@ -261,7 +322,80 @@ def compare(observed: Observed, expected: Expected, capabilities: Capabilities, 
                     f"[b, s_q, h] = {list(at)}: relative error {row_error[at].item() / max(reference_norm, 1e-300):.3g}"
                     f", tolerance {expected.sharp_out.cpu()[at].item() / max(reference_norm, 1e-300):.3g} of ‖ref‖ "
                     f"(sharp tier; every element is within its sound bound)", case, sharp_out_ratio)
-    return Ratios(sound=max(out_ratio, lse_ratio), sharp=max(sharp_out_ratio, sharp_lse_ratio))
+    if lse_ratio >= out_ratio:
+        sound_at = _where("lse", "[b, h, s_q]", lse_at, lse_error, expected.lse_bound.cpu())
+    else:
+        sound_at = _where("out", "[b, s_q, h, c]", out_at, out_error, expected.out_bound.cpu())
+    if sharp_lse_ratio >= sharp_out_ratio:
+        sharp_at = _where("lse", "[b, h, s_q]", sharp_lse_at, lse_error, expected.sharp_lse.cpu())
+    else:
+        sharp_at = _where("‖out row‖", "[b, s_q, h]", row_at, row_error, expected.sharp_out.cpu())
+    return Ratios(sound=max(out_ratio, lse_ratio), sharp=max(sharp_out_ratio, sharp_lse_ratio),
+                  sound_at=sound_at, sharp_at=sharp_at)
+
+
+def _where(name: str, axes: str, at: tuple[int, ...], error: torch.Tensor, bound: torch.Tensor) -> str:
+    if not at:
+        return ""
+    return f"{name} at {axes} = {list(at)}: error {error[at].item():.3g}, tolerance {bound[at].item():.3g}"
+
+
+def diagnose(observed: Observed, inputs: DecodeInputs, expected: Expected, capabilities: Capabilities) -> str:
+    """A likely cause of wrong values, when the numbers show one: an lse in the other base, the
+    output off by one constant factor, or a result computed with another softmax scale."""
+    case = inputs.case
+    has_key = expected.has_key.cpu()
+    lse = observed.lse.to(torch.float64).cpu() * (math.log(2) if capabilities.lse_base == "2" else 1.0)
+    ref_lse = expected.lse.cpu()
+    rows = has_key.permute(0, 2, 1) & torch.isfinite(lse) & (ref_lse.abs() > 1e-2)
+    if rows.any():
+        quotient = (lse[rows] / ref_lse[rows]).median().item()
+        for factor, hint in ((1 / math.log(2), "lse ≈ ref / ln 2: the lse is in base 2 (declare "
+                              "Capabilities(lse_base='2'), or multiply it by ln 2)"),
+                             (math.log(2), "lse ≈ ref · ln 2: the lse is natural but lse_base='2' is declared")):
+            if abs(quotient - factor) < 1e-3 * factor:
+                return hint
+    alternative = _matching_scale(observed, inputs, expected, capabilities)
+    if alternative:
+        return alternative
+    out = torch.where(has_key[..., None], observed.out.to(torch.float64).cpu(), 0.0)
+    ref = expected.out.cpu()
+    reference_energy = float((ref * ref).sum())
+    if reference_energy > 0:
+        factor = float((out * ref).sum()) / reference_energy
+        residual = float((out - factor * ref).norm())
+        if abs(factor - 1) > 1e-6 and residual < 0.05 * float((out - ref).norm()):
+            return (f"out ≈ {factor:.6g} × ref in every row: a constant factor (an extra scale, or the "
+                    "softmax normaliser off)")
+    return ""
+
+
+# the kernel's work (b·s_q·h·d·L) up to which a failure is re-judged against other softmax scales
+_RESCALE_WORK = 50_000_000
+
+
+def _matching_scale(observed: Observed, inputs: DecodeInputs, expected: Expected, capabilities: Capabilities) -> str:
+    case = inputs.case
+    if case.work > _RESCALE_WORK or not expected.has_key.any():
+        return ""
+    given = case.softmax_scale
+    candidates = {"1/√d": case.d ** -0.5, "1/√head_dim_v": case.head_dim_v ** -0.5,
+                  "1/√(rope width)": max(case.d - case.head_dim_v, 1) ** -0.5, "1": 1.0,
+                  "softmax_scale · log2(e)": given / math.log(2), "softmax_scale²": given * given,
+                  "softmax_scale applied twice as 1/scale": 1 / given}
+    lse = observed.lse.to(torch.float64).cpu() * (math.log(2) if capabilities.lse_base == "2" else 1.0)
+    rows = expected.has_key.cpu().permute(0, 2, 1) & torch.isfinite(lse)
+    for name, scale in candidates.items():
+        if abs(scale - given) <= 1e-9 * given:
+            continue
+        terms = paged_decode_terms(inputs.q, inputs.kv_cache, inputs.block_table, inputs.cache_seqlens,
+                                   case.head_dim_v, scale, case.causal)
+        error = (lse - terms.lse.cpu()).abs()[rows]
+        tolerance = expected.lse_bound.cpu()[rows] * max(scale / given, given / scale, 1.0)
+        if bool((error <= tolerance).all()):
+            return (f"out and lse match the reference computed with softmax_scale = {name} = {scale:.6g} "
+                    f"instead of the {given:.6g} passed in: the kernel uses a softmax scale of its own")
+    return ""
 
 
 def worst_ratio(error: torch.Tensor, bound: torch.Tensor) -> tuple[float, tuple[int, ...]]:
@@ -279,4 +413,13 @@ def check_case(impl: Implementation, case: DecodeCase) -> Ratios:
     """Build the case, run the kernel, compare with the float64 reference within both tiers."""
     inputs = build_inputs(case)
     observed = call_kernel(impl, inputs)
-    return compare(observed, expected_for(inputs, impl.capabilities), impl.capabilities, case)
+    expected = expected_for(inputs, impl.capabilities)
+    try:
+        return compare(observed, expected, impl.capabilities, case)
+    except CaseFailure as failure:
+        finding = failure.finding
+        hint = (diagnose(observed, inputs, expected, impl.capabilities)
+                if finding.kind in (FailureKind.WRONG_VALUES, FailureKind.WRONG_LSE) and not finding.locus else "")
+        if not hint:
+            raise
+        raise _fail(finding.kind, f"{finding.message}; hint: {hint}", case, finding.ratio, finding.locus) from None

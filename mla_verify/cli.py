@@ -1,68 +1,167 @@
-"""mla-verify: certify, check, replay, list, cache-table.
+"""mla-verify: certify, compare, check, replay, report, list, cache-table.
 
-Exit codes: 0 success; 1 a property failed (certify, check) or a counterexample still fails (replay);
-2 a usage error (an implementation that cannot be resolved, an unknown profile, a bad path).
+Exit codes: 0 success; 1 a property failed (certify, compare, check), a counterexample still fails
+(replay), or the kernel crashed or hung the process running it; 2 a usage error (an implementation
+that cannot be resolved, a bad argument or path, a counterexample that cannot be read); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "entry"]
+
+DECODE_PROPERTY_NAMES = ("matches_reference", "page_order_invariant", "rows_independent", "deterministic")
 
 
-def _json_safe(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+class UsageError(Exception):
+    """A one-line message for the user; exit code 2."""
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _cmd_certify(args: argparse.Namespace) -> int:
-    from mla_verify.certify import certify
-    from mla_verify.registry import ImplementationError, resolve
+# ---- argument checks (before anything runs, so that a bad path never costs a whole run) ----
 
+def _positive_int(text: str) -> int:
     try:
-        impl = resolve(args.impl)
-    except ImplementationError as error:
-        _stderr(f"mla-verify: {error}")
-        return 2
-    from mla_verify.contract import declares_capabilities
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {value}")
+    return value
 
-    # a declared device list is a claim; a bare function's default ('cpu') is only a guess
-    if declares_capabilities(impl.fn) and args.device.split(":")[0] not in impl.capabilities.devices:
-        _stderr(f"mla-verify: '{impl.name}' declares devices {list(impl.capabilities.devices)}; "
-                f"pass --device {impl.capabilities.devices[0]}")
-        return 2
-    if args.device.startswith("cuda"):
+
+def _seconds(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number > 0, or 0 for no limit), got {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number > 0, or 0 for no limit), got {text!r}")
+    return value or None
+
+
+def _check_device(device: str) -> None:
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
+        raise UsageError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if kind == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            _stderr("mla-verify: --device cuda was asked for but torch sees no CUDA device")
-            return 2
-    _stderr(f"certifying {impl.name} ({impl.spec}) on {args.device}, profile {args.profile}")
-    certificate = certify(impl, profile=args.profile, device=args.device, max_examples=args.max_examples,
-                          seed=args.seed, counterexamples=args.counterexamples, isolate=args.isolate,
-                          properties=args.property, strict=args.strict, progress=_stderr)
-    data = _json_safe(certificate.to_dict())
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(certificate.to_markdown())
+            raise UsageError(f"--device {device}: torch sees no CUDA device on this machine")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+
+
+def _check_output_file(option: str, path: str | None) -> None:
+    """An output file must be writable where it is named: its folder exists, it is not a folder."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; name a file, e.g. {target / 'cert'}")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
+
+
+def _check_output_folder(option: str, path: str | None) -> None:
+    """A folder that is created on first use: it, or the nearest folder above it, must be writable."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{option} {path}: exists and is not a folder")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"{option} {path}: cannot create or write it ({existing} is not a writable folder)")
+
+
+def _resolve(spec: str | None, **options: object):
+    from mla_verify.registry import ImplementationError, resolve
+
+    try:
+        return resolve(spec, **options)
+    except ImplementationError as error:
+        raise UsageError(str(error)) from None
+
+
+def _check_declared_device(impl, device: str) -> None:
+    from mla_verify.contract import declares_capabilities
+
+    # a declared device list is a claim; a bare function's default ('cpu') is only a guess
+    if declares_capabilities(impl.fn) and device.split(":")[0] not in impl.capabilities.devices:
+        hint = (" (Triton's interpreter runs it on the CPU: set TRITON_INTERPRET=1)"
+                if impl.name == "triton" and device == "cpu" else "")
+        raise UsageError(f"'{impl.name}' declares devices {list(impl.capabilities.devices)}; pass --device "
+                         f"{impl.capabilities.devices[0]}{hint}")
+
+
+def _write_outputs(certificate_data: dict, args: argparse.Namespace, markdown: str | None) -> None:
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(certificate_data, indent=2) + "\n")
+    if getattr(args, "markdown", None) and markdown is not None:
+        Path(args.markdown).write_text(markdown)
+    if getattr(args, "html", None):
+        from mla_verify.report import render_comparison_html, render_html
+
+        html = (render_comparison_html(certificate_data["certificates"]) if "certificates" in certificate_data
+                else render_html(certificate_data))
+        Path(args.html).write_text(html, encoding="utf-8")
+
+
+def _check_report_available(args: argparse.Namespace) -> None:
+    if getattr(args, "html", None):
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(f"--html {args.html}: the HTML report needs matplotlib: pip install 'mla-verify[report]'")
+
+
+# ---- commands ----
+
+def _certify_one(impl, args: argparse.Namespace, progress):
+    from mla_verify.certify import certify
+
+    return certify(impl, profile=args.profile, device=args.device, max_examples=args.max_examples, seed=args.seed,
+                   counterexamples=args.counterexamples, isolate=args.isolate, properties=args.property,
+                   strict=args.strict, progress=progress, timeout_s=args.timeout, command=_command_line())
+
+
+def _command_line() -> str:
+    return shlex.join(["mla-verify", *sys.argv[1:]]) if sys.argv[1:] else "mla-verify"
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    from mla_verify.progress import progress_for
+
+    impl = _resolve(args.impl)
+    _check_device(args.device)
+    _check_declared_device(impl, args.device)
+    for option in ("json", "markdown", "html"):
+        _check_output_file(f"--{option}", getattr(args, option))
+    _check_output_folder("--counterexamples", args.counterexamples)
+    _check_report_available(args)
+    progress = progress_for(args.quiet)
+    progress.note(f"certifying {impl.name} ({impl.spec}) on {args.device}, profile {args.profile}")
+    certificate = _certify_one(impl, args, progress)
+    data = certificate.to_dict()
+    _write_outputs(data, args, certificate.to_markdown())
     for report in certificate.properties:
         print(f"{report.verdict.upper():4}  {report.name}: {report.examples} cases ({report.passed} passed, "
               f"{report.failed} failed, {report.declined} declined); passing cases: max error/bound "
@@ -71,7 +170,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
             print(f"      failure {number}/{len(report.failures)}: {failure['signature']}"
                   + (" (flaky)" if failure["flaky"] else ""))
             print(f"        {failure['message']}")
-            print(f"        minimal case: {_describe(failure['case'])}")
+            print(f"        minimal case: {failure['description']}")
             if failure["counterexample"]:
                 print(f"        replay: mla-verify replay {failure['counterexample']}")
         for reason, count in report.declined_reasons.items():
@@ -80,32 +179,53 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     return 0 if certificate.verdict != "fail" else 1
 
 
-def _describe(case: dict) -> str:
-    from mla_verify.strategies import DecodeCase
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mla_verify.comparison import comparison_markdown, comparison_table
+    from mla_verify.progress import progress_for
 
-    return DecodeCase.from_dict(case).describe()
+    if len(args.impls) < 2:
+        raise UsageError("compare: name at least two implementations, e.g. mla-verify compare torch triton")
+    impls = [_resolve(spec) for spec in args.impls]
+    _check_device(args.device)
+    for impl in impls:
+        _check_declared_device(impl, args.device)
+    for option in ("json", "markdown", "html"):
+        _check_output_file(f"--{option}", getattr(args, option))
+    _check_output_folder("--counterexamples", args.counterexamples)
+    _check_report_available(args)
+    if args.seed is None:
+        import random
+
+        args.seed = random.randrange(2**32)  # one seed for all: the same drawn cases where capabilities agree
+    progress = progress_for(args.quiet)
+    certificates = []
+    for impl in impls:
+        progress.note(f"certifying {impl.name} ({impl.spec}) on {args.device}, profile {args.profile}, "
+                      f"seed {args.seed}")
+        certificates.append(_certify_one(impl, args, progress).to_dict())
+    data = {"schema": "mla-verify-comparison/1", "certificates": certificates}
+    _write_outputs(data, args, comparison_markdown(certificates))
+    print(comparison_table(certificates))
+    return 0 if all(c["verdict"] != "fail" for c in certificates) else 1
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from mla_verify.decode_properties import check
-    from mla_verify.registry import ImplementationError, resolve
     from mla_verify.strategies import DecodeCase
 
-    try:
-        impl = resolve(args.impl)
-    except ImplementationError as error:
-        _stderr(f"mla-verify: {error}")
-        return 2
+    impl = _resolve(args.impl)
     path = Path(args.case)
     try:
         data = json.loads(path.read_text())
-        case = DecodeCase.from_dict(data.get("case", data))
+        case = DecodeCase.from_dict(data.get("case", data) if isinstance(data, dict) else data)
     except (OSError, ValueError, TypeError, AttributeError) as error:
-        _stderr(f"mla-verify: --case {path}: expected a case.json (a counterexample's, or the case dict alone); "
-                f"{type(error).__name__}: {error}")
-        return 2
+        raise UsageError(f"--case {path}: expected a case.json (a counterexample's, or the case dict alone); "
+                         f"{type(error).__name__}: {error}") from None
     if args.device:
+        _check_device(args.device)
         case = case.replace(device=args.device)
+    elif case.device != "cpu":
+        _check_device(case.device)
     print(f"checking {impl.name} on {case.describe()}")
     verdicts = check(impl, case, tuple(args.property) if args.property else None)
     for verdict in verdicts:
@@ -113,32 +233,39 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(v.failure is None for v in verdicts) else 1
 
 
+# kinds whose replay needs a child process: the failure ends or wedges the process that meets it
+_CHILD_PROCESS_KINDS = ("process crashed", "call did not return in time")
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from mla_verify.checks import CaseDeclined, CaseFailure
     from mla_verify.counterexample import load_counterexample
     from mla_verify.decode_properties import property_named
-    from mla_verify.registry import ImplementationError, resolve
 
     path = Path(args.path)
     if not (path / "case.json").exists() and not (path.name == "case.json" and path.exists()):
-        _stderr(f"mla-verify: {path} is not a counterexample folder (expected case.json inside)")
-        return 2
+        raise UsageError(f"{path} is not a counterexample folder (expected case.json inside)")
     try:
         meta = load_counterexample(path)
-        impl = resolve(args.impl or meta["implementation"])
-    except (ValueError, ImplementationError) as error:
-        _stderr(f"mla-verify: {error}")
-        return 2
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    impl = _resolve(args.impl or meta["implementation"], search_path=tuple(meta.get("search_path") or ()))
+    case = meta["case"]
+    if case.device != "cpu":
+        _check_device(case.device)
     prop = property_named(meta["property"])
-    print(f"replaying {prop.name} on {impl.name}: {meta['case'].describe()}")
+    print(f"replaying {prop.name} on {impl.name}: {case.describe()}")
     print(f"recorded: {meta.get('signature', meta['kind'])}: {meta['message']}")
+    isolate = args.isolate or meta["kind"] in _CHILD_PROCESS_KINDS
+    if isolate and not args.isolate:
+        print("(recorded as a crash or a hang: replaying in a child process)")
     isolated = None
-    if args.isolate:
+    if isolate:
         from mla_verify.certify import IsolatedRunner
 
-        isolated = IsolatedRunner()
+        isolated = IsolatedRunner(args.timeout)
     try:
-        isolated.check(impl, prop, meta["case"]) if isolated else prop.check(impl, meta["case"])
+        isolated.check(impl, prop, case) if isolated else prop.check(impl, case)
     except CaseDeclined as declined:
         print(f"declined by the kernel: {declined.reason}")
         return 1
@@ -149,6 +276,40 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         if isolated:
             isolated.close()
     print("passes now")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mla_verify.certify import certificate_markdown
+
+    path = Path(args.certificate)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: expected a certificate written by --json ({type(error).__name__}: {error})") from None
+    if not isinstance(data, dict) or not ("properties" in data or "certificates" in data):
+        raise UsageError(f"{path}: expected a certificate written by --json (no 'properties' in it)")
+    if not (args.html or args.markdown):
+        raise UsageError("report: say what to write: --html PATH and/or --markdown PATH")
+    for option in ("markdown", "html"):
+        _check_output_file(f"--{option}", getattr(args, option))
+    _check_report_available(args)
+    markdown = None
+    if args.markdown:
+        if "certificates" in data:
+            from mla_verify.comparison import comparison_markdown
+
+            markdown = comparison_markdown(data["certificates"])
+        else:
+            try:
+                markdown = certificate_markdown(data)
+            except (KeyError, TypeError, ValueError) as error:
+                raise UsageError(f"{path}: a certificate of an older schema cannot be written as Markdown "
+                                 f"({type(error).__name__}: {error}); --html still works") from None
+    _write_outputs(data, args, markdown)
+    for option in ("html", "markdown"):
+        if getattr(args, option):
+            print(f"wrote {getattr(args, option)}")
     return 0
 
 
@@ -169,36 +330,55 @@ def _cmd_cache_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    from mla_verify.decode_properties import DECODE_PROPERTIES
+def _add_run_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--profile", choices=("quick", "default", "thorough"), default="default")
+    command.add_argument("--max-examples", type=_positive_int, help="examples per property (overrides the profile)")
+    command.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    command.add_argument("--seed", type=int, help="Hypothesis seed (recorded in the certificate)")
+    command.add_argument("--json", help="write the JSON certificate here")
+    command.add_argument("--markdown", help="write the Markdown certificate here")
+    command.add_argument("--html", help="write a self-contained HTML report here (needs mla-verify[report])")
+    command.add_argument("--counterexamples", default="counterexamples",
+                         help="folder for counterexample artifacts (default: ./counterexamples)")
+    command.add_argument("--isolate", action="store_true",
+                         help="run each case in a child process (crashes, CUDA faults and hangs become "
+                              "counterexamples)")
+    command.add_argument("--timeout", type=_seconds, default=600.0,
+                         help="seconds a kernel call may take before it counts as hung (default 600; 0: no limit)")
+    command.add_argument("--property", action="append", choices=DECODE_PROPERTY_NAMES,
+                         help="run only this property (repeatable; default: all)")
+    command.add_argument("--strict", action="store_true",
+                         help="a case the kernel declines although its capabilities claim it is a failure")
+    command.add_argument("--quiet", action="store_true", help="no progress output")
 
-    parser = argparse.ArgumentParser(prog="mla-verify", description=__doc__.splitlines()[0])
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, with where to read more (argparse would print the whole usage)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mla-verify", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     certify = commands.add_parser("certify", help="certify a decode kernel against the float64 reference")
-    certify.add_argument("impl", nargs="?", help="registered name or package.module:attr "
+    certify.add_argument("impl", nargs="?", help="registered name, package.module:attr or path/to/file.py:attr "
                          "(default: $MLA_VERIFY_IMPL, else the project's own 'torch')")
-    certify.add_argument("--profile", choices=("quick", "default", "thorough"), default="default")
-    certify.add_argument("--max-examples", type=int, help="examples per property (overrides the profile)")
-    certify.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    certify.add_argument("--seed", type=int, help="Hypothesis seed (recorded in the certificate)")
-    certify.add_argument("--json", help="write the JSON certificate here")
-    certify.add_argument("--markdown", help="write the Markdown certificate here")
-    certify.add_argument("--counterexamples", default="counterexamples",
-                         help="folder for counterexample artifacts (default: ./counterexamples)")
-    certify.add_argument("--isolate", action="store_true",
-                         help="run each case in a child process (reports segfaults and CUDA faults)")
-    certify.add_argument("--property", action="append", choices=[p.name for p in DECODE_PROPERTIES],
-                         help="run only this property (repeatable; default: all)")
-    certify.add_argument("--strict", action="store_true",
-                         help="a case the kernel declines although its capabilities claim it is a failure")
+    _add_run_options(certify)
     certify.set_defaults(run=_cmd_certify)
+
+    compare = commands.add_parser("compare", help="certify several implementations on the same drawn cases")
+    compare.add_argument("impls", nargs="+", help="two or more implementations (names or module:attr)")
+    _add_run_options(compare)
+    compare.set_defaults(run=_cmd_compare)
 
     one = commands.add_parser("check", help="judge one given case (a case.json) with both tiers")
     one.add_argument("impl", nargs="?", help="registered name or package.module:attr")
     one.add_argument("--case", required=True, help="a counterexample's case.json, or a file with the case dict")
     one.add_argument("--device", help="build the case on this device instead of the recorded one")
-    one.add_argument("--property", action="append", choices=[p.name for p in DECODE_PROPERTIES],
+    one.add_argument("--property", action="append", choices=DECODE_PROPERTY_NAMES,
                      help="judge by this property only (repeatable; default: all)")
     one.set_defaults(run=_cmd_check)
 
@@ -206,7 +386,14 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("path")
     replay.add_argument("--impl", help="replay against another implementation than the recorded one")
     replay.add_argument("--isolate", action="store_true", help="run the kernel in a child process (for crashes)")
+    replay.add_argument("--timeout", type=_seconds, default=600.0, help="seconds a kernel call may take (0: no limit)")
     replay.set_defaults(run=_cmd_replay)
+
+    report = commands.add_parser("report", help="render a JSON certificate (certify/compare --json) as HTML or Markdown")
+    report.add_argument("certificate", help="a certificate written by --json")
+    report.add_argument("--html", help="write the self-contained HTML report here")
+    report.add_argument("--markdown", help="write the Markdown certificate here")
+    report.set_defaults(run=_cmd_report)
 
     listing = commands.add_parser("list", help="list registered implementations")
     listing.set_defaults(run=_cmd_list)
@@ -218,13 +405,51 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command in this process; returns the exit code."""
     # the current folder is importable, as under `python -m` and pytest: `certify my_kernel:decode`
     # finds my_kernel.py where the user stands
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     args = _parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except UsageError as error:
+        _stderr(f"mla-verify: {error}")
+        return 2
+    except KeyboardInterrupt:
+        _stderr("mla-verify: interrupted")
+        return 130
+
+
+def entry() -> int:
+    """The console command: `main` in a child process when the platform can fork, so that a kernel
+    that kills its process (a segfault, an abort) ends with a line that says what happened and
+    what to do, not with a bare signal exit."""
+    if not hasattr(os, "fork") or os.environ.get("MLA_VERIFY_NO_SUPERVISOR"):
+        return main()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            code = main()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child handles Ctrl-C and reports it
+    try:
+        _, status = os.waitpid(child, 0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+        _stderr(f"mla-verify: the process running the kernel was killed by {name} (a crash in the kernel or "
+                f"a library it calls); the last line above names the property it was on. Rerun with --isolate: "
+                "each case then runs in a child process, and a crash becomes a shrunk, replayable counterexample.")
+        return 1
+    return os.WEXITSTATUS(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

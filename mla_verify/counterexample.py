@@ -21,6 +21,7 @@ import torch
 
 from mla_verify.checks import CaseFailure, Implementation, expected_for
 from mla_verify.decode_properties import property_named
+from mla_verify.registry import module_root
 from mla_verify.strategies import DecodeCase
 
 __all__ = ["save_counterexample", "load_counterexample", "replay"]
@@ -45,6 +46,8 @@ def save_counterexample(directory: str | Path, impl: Implementation, prop_name: 
         "implementation": impl.spec, "implementation_name": impl.name, "property": prop_name,
         "signature": failure.finding.signature, "kind": failure.finding.kind.value,
         "message": failure.finding.message, "case": case.to_dict(),
+        # where the kernel's module was imported from: a replay from another folder still finds it
+        "search_path": [root] if (root := module_root(impl.fn)) else [],
     }, indent=2) + "\n")
     (folder / "repro.py").write_text(_REPRO.format(case=case.describe(), signature=failure.finding.signature))
     return folder

@@ -4,6 +4,11 @@ Options: --mla-impl NAME|module:attr (default $MLA_VERIFY_IMPL, else 'torch'), -
 quick|default|thorough (default: quick when CI is set, else default), --mla-device, and
 --mla-counterexamples DIR (where failing cases are saved as replayable artifacts). The report
 header names the implementation under test and the versions.
+
+Installed, the plugin is loaded by every pytest run in the environment, so it changes nothing
+unless asked: it loads a Hypothesis profile only under --mla-profile (the project's own conftest.py
+loads one for the project's tests), and under --mla-impl it deselects the tests that do not
+certify an implementation (those without the `mla_implementation` marker).
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import settings
 
-from mla_verify.profiles import PROFILES, Profile, register_profiles
+from mla_verify.profiles import PROFILES, Profile, hypothesis_settings
 
-__all__ = ["Selection", "selection"]
+__all__ = ["Selection", "selection", "IMPLEMENTATION_MARKER"]
 
-register_profiles()
+IMPLEMENTATION_MARKER = "mla_implementation"
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ def selection() -> Selection:
     """The run's choices; outside pytest, the defaults (environment variable, default profile)."""
     if _selection:
         return _selection[0]
-    return Selection(os.environ.get("MLA_VERIFY_IMPL"), PROFILES["quick" if os.environ.get("CI") else "default"],
+    return Selection(None, PROFILES["quick" if os.environ.get("CI") else "default"],
                      "cpu", "counterexamples")
 
 
@@ -56,11 +61,46 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
-    name = config.getoption("--mla-profile") or ("quick" if os.environ.get("CI") else "default")
-    if not config.getoption("--hypothesis-profile", default=None):
-        settings.load_profile(name)
-    _selection[:] = [Selection(config.getoption("--mla-impl") or os.environ.get("MLA_VERIFY_IMPL"), PROFILES[name],
-                               config.getoption("--mla-device"), config.getoption("--mla-counterexamples"))]
+    config.addinivalue_line("markers", f"{IMPLEMENTATION_MARKER}: certifies the implementation chosen by --mla-impl")
+    asked = config.getoption("--mla-profile")
+    name = asked or ("quick" if os.environ.get("CI") else "default")
+    if asked and not config.getoption("--hypothesis-profile", default=None):
+        settings.register_profile(f"mla-{name}", hypothesis_settings(PROFILES[name]))
+        settings.load_profile(f"mla-{name}")
+    # no name: resolve() reads MLA_VERIFY_IMPL itself, and says so when it names nothing
+    chosen = Selection(config.getoption("--mla-impl"), PROFILES[name],
+                       config.getoption("--mla-device"), config.getoption("--mla-counterexamples"))
+    if config.getoption("--mla-impl") or os.environ.get("MLA_VERIFY_IMPL") or chosen.device != "cpu":
+        _validate(chosen)
+    _selection[:] = [chosen]
+
+
+def _validate(chosen: Selection) -> None:
+    """Bad choices stop the run with one line, before any test is collected."""
+    from mla_verify.registry import ImplementationError
+
+    try:
+        chosen.implementation()
+    except ImplementationError as error:
+        raise pytest.UsageError(f"mla_verify: {error}") from None
+    kind, _, index = chosen.device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise pytest.UsageError(f"mla_verify: --mla-device {chosen.device}: expected cpu, cuda or cuda:N")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"mla_verify: --mla-device {chosen.device}: torch sees no CUDA device")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--mla-impl"):
+        return
+    kept = [item for item in items if item.get_closest_marker(IMPLEMENTATION_MARKER)]
+    deselected = [item for item in items if not item.get_closest_marker(IMPLEMENTATION_MARKER)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from mla_verify.strategies import CaseLimits
 
-__all__ = ["Profile", "PROFILES", "register_profiles", "hypothesis_settings"]
+__all__ = ["Profile", "PROFILES", "hypothesis_settings"]
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,3 @@ def hypothesis_settings(profile: Profile, max_examples: int | None = None) -> se
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.function_scoped_fixture],
                     report_multiple_bugs=True, phases=phases, print_blob=True)
-
-
-def register_profiles() -> None:
-    """Register the profiles with Hypothesis under their names, for `--hypothesis-profile`."""
-    for profile in PROFILES.values():
-        settings.register_profile(profile.name, hypothesis_settings(profile))

@@ -1,4 +1,5 @@
-"""Naming an implementation: a registered name, 'package.module:attr', or MLA_VERIFY_IMPL.
+"""Naming an implementation: a registered name, 'package.module:attr', 'path/to/file.py:attr', or
+MLA_VERIFY_IMPL.
 
 Installed packages register decode kernels in the entry-point group `mla_verify.implementations`
 (name = "module:function"); the project registers its own PyTorch kernel as `torch`.
@@ -6,15 +7,21 @@ Installed packages register decode kernels in the entry-point group `mla_verify.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import importlib
+import importlib.util
 import os
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
 
 from mla_verify.checks import Implementation
 from mla_verify.contract import MissingDependency, capabilities_of, check_signature
 
 __all__ = ["ENTRY_POINT_GROUP", "DEFAULT_IMPLEMENTATION", "ENVIRONMENT_VARIABLE", "ImplementationError",
-           "registered", "resolve"]
+           "registered", "resolve", "module_root"]
 
 ENTRY_POINT_GROUP = "mla_verify.implementations"
 DEFAULT_IMPLEMENTATION = "torch"
@@ -30,33 +37,103 @@ def registered() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def resolve(name: str | None = None) -> Implementation:
-    """The implementation called `name` (default: $MLA_VERIFY_IMPL, else the project's own)."""
+def resolve(name: str | None = None, search_path: tuple[str, ...] = ()) -> Implementation:
+    """The implementation called `name`: a registered name, 'package.module:attr' (the current
+    folder is importable), or 'path/to/file.py:attr'. Default: $MLA_VERIFY_IMPL, else the project's
+    own. search_path: folders tried after sys.path when the module is not found (where a recorded
+    counterexample's kernel was imported from)."""
+    from_environment = name is None and bool(os.environ.get(ENVIRONMENT_VARIABLE))
     name = name or os.environ.get(ENVIRONMENT_VARIABLE) or DEFAULT_IMPLEMENTATION
+    try:
+        return _resolve(name, search_path)
+    except ImplementationError as error:
+        if from_environment:
+            raise ImplementationError(f"{ENVIRONMENT_VARIABLE}={name} (from the environment): {error}") from None
+        raise
+
+
+def _resolve(name: str, search_path: tuple[str, ...]) -> Implementation:
     names = registered()
     spec = names.get(name, name)
     missing = _missing_library(name, spec)
     if missing is not None:
         raise ImplementationError(f"'{name}': {missing}")
     if ":" not in spec:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ImplementationError(f"'{name}' is neither a registered implementation ({', '.join(sorted(names))}) "
-                                  "nor 'package.module:attr'")
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except MissingDependency as error:
-        raise ImplementationError(str(error)) from None
-    except ImportError as error:
-        raise ImplementationError(f"cannot import module '{module_name}' for '{name}': {error}") from None
+                                  f"nor 'package.module:attr' nor 'path/to/file.py:attr'{hint}")
+    module_name, _, attr = spec.rpartition(":")
+    if module_name.endswith(".py"):
+        module, spec = _module_from_file(name, module_name, attr)
+    else:
+        module = _import(name, module_name, search_path)
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise ImplementationError(f"module '{module_name}' has no attribute '{attr}' (from '{name}')")
+            close = difflib.get_close_matches(part, [n for n in dir(module) if not n.startswith("_")], n=3)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ImplementationError(f"module '{module_name}' has no attribute '{attr}' (from '{name}'){hint}")
     problem = check_signature(fn)
     if problem:
         raise ImplementationError(f"'{name}': {problem}")
     return Implementation(name=name, spec=spec, fn=fn, capabilities=capabilities_of(fn))
+
+
+def _import(name: str, module_name: str, search_path: tuple[str, ...]) -> ModuleType:
+    try:
+        return importlib.import_module(module_name)
+    except MissingDependency as error:
+        raise ImplementationError(str(error)) from None
+    except ModuleNotFoundError as error:
+        fallback = [folder for folder in search_path if folder not in sys.path and Path(folder).is_dir()]
+        if error.name == module_name.split(".")[0] and fallback:
+            sys.path.extend(fallback)
+            return _import(name, module_name, ())
+        raise ImplementationError(f"cannot import module '{module_name}' for '{name}': {error} (the current "
+                                  "folder and PYTHONPATH are searched; or name a file: path/to/file.py:attr)") from None
+    except ImportError as error:
+        raise ImplementationError(f"cannot import module '{module_name}' for '{name}': {error}") from None
+    except Exception as error:  # the user's module itself raised on import
+        raise ImplementationError(f"importing module '{module_name}' for '{name}' raised "
+                                  f"{type(error).__name__}: {error}") from None
+
+
+def _module_from_file(name: str, file: str, attr: str) -> tuple[ModuleType, str]:
+    """The module defined by a .py file, and the spec naming it by absolute path (so that replays
+    and child processes find it from any folder)."""
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise ImplementationError(f"'{name}': no such file {path}")
+    module_name = f"{path.stem}" if path.stem.isidentifier() else "mla_verify_user_kernel"
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded, f"{path}:{attr}"
+    if loaded is not None:
+        module_name = f"mla_verify_user_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}_{module_name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # pickling and dataclasses look their module up here
+    sys.path.insert(0, str(path.parent))  # so that the file can import its siblings
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[module_name]
+        raise ImplementationError(f"importing {path} for '{name}' raised {type(error).__name__}: {error}") from None
+    return module, f"{path}:{attr}"
+
+
+def module_root(fn: object) -> str | None:
+    """The folder from which the module defining `fn` was imported (its top-level package's parent)."""
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    file = getattr(module, "__file__", None)
+    if file is None:
+        return None
+    root = Path(file).resolve().parent
+    for _ in range(module.__name__.count(".")):
+        root = root.parent
+    return str(root)
 
 
 def _missing_library(name: str, spec: str) -> str | None:

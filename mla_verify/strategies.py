@@ -36,6 +36,10 @@ DEFAULT_WIDTHS = ((40, 32), (80, 64), (576, 512), (24, 8), (288, 256))
 SCALES = ("inverse_sqrt_d", "deepseek_v3", "one")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -85,7 +89,45 @@ class DecodeCase:
 
     @classmethod
     def from_dict(cls, data: dict) -> DecodeCase:
-        return cls(**{**data, "lengths": tuple(data["lengths"])})
+        """The case a to_dict() wrote; a hand-edited or damaged one raises ValueError naming the field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a case must be a JSON object, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        missing = sorted(name for name, f in fields.items() if name not in data
+                         and f.default is dataclasses.MISSING)
+        if unknown or missing:
+            raise ValueError("case fields: " + "; ".join(
+                part for part in (f"unknown {unknown}" if unknown else "",
+                                  f"missing {missing}" if missing else "") if part))
+        lengths = data["lengths"]
+        if not (isinstance(lengths, list | tuple) and all(_is_int(n) and n >= 0 for n in lengths)):
+            raise ValueError(f"case field 'lengths': expected a list of integers ≥ 0, got {lengths!r}")
+        case = {**data, "lengths": tuple(lengths)}
+        for name in ("batch", "s_q", "heads", "d", "head_dim_v", "page_size"):
+            if not (_is_int(case[name]) and case[name] >= 1):
+                raise ValueError(f"case field '{name}': expected an integer ≥ 1, got {case[name]!r}")
+        for name in ("extra_blocks", "seed", "layout_seed"):
+            if not (_is_int(case[name]) and case[name] >= 0):
+                raise ValueError(f"case field '{name}': expected an integer ≥ 0, got {case[name]!r}")
+        for name in ("causal", "permute_pages", "strided_cache", "pooled_cache", "sliced_block_table"):
+            if not isinstance(case.get(name, False), bool):
+                raise ValueError(f"case field '{name}': expected true or false, got {case[name]!r}")
+        choices = {"dtype": ("float64", "float32", "float16", "bfloat16"), "regime": REGIMES, "scale": SCALES,
+                   "q_layout": Q_LAYOUTS}
+        for name, allowed in choices.items():
+            if name in case and case[name] not in allowed:
+                raise ValueError(f"case field '{name}': expected one of {list(allowed)}, got {case[name]!r}")
+        if len(case["lengths"]) != case["batch"]:
+            raise ValueError(f"case field 'lengths': expected batch = {case['batch']} lengths, got "
+                             f"{len(case['lengths'])}")
+        if case["head_dim_v"] > case["d"]:
+            raise ValueError(f"case fields 'd', 'head_dim_v': expected head_dim_v ≤ d, got "
+                             f"{case['head_dim_v']} > {case['d']}")
+        device = case.get("device", "cpu")
+        if not (isinstance(device, str) and (device == "cpu" or device.split(":")[0] == "cuda")):
+            raise ValueError(f"case field 'device': expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        return cls(**case)
 
     def replace(self, **changes: object) -> DecodeCase:
         return dataclasses.replace(self, **changes)

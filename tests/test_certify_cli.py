@@ -55,7 +55,7 @@ def test_broken_kernel_counterexample_replay_fix_certify(tmp_path):
                cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     certificate = json.loads((tmp_path / "cert.json").read_text())
-    assert certificate["schema"] == "mla-verify-certificate/2" and certificate["verdict"] == "fail"
+    assert certificate["schema"] == "mla-verify-certificate/3" and certificate["verdict"] == "fail"
     failed = [p for p in certificate["properties"] if p["verdict"] == "fail"]
     assert failed and failed[0]["name"] == "matches_reference"
     assert failed[0]["failures"][0]["kind"] in ("wrong lse", "wrong values")

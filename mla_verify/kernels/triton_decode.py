@@ -49,6 +49,7 @@ the split count reads max(cache_seqlens) on the host (the contract's validation 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -92,6 +93,10 @@ CAPABILITIES = Capabilities(
     strided_cache=True,  # strides are passed to the kernel
     accumulation_dtype=torch.float32,  # fp32 dots are IEEE fp32 (no TF32)
 )
+# Under Triton's interpreter (TRITON_INTERPRET=1, read by Triton when the kernels are defined) the
+# same kernels run on the CPU through numpy, where a bf16 tl.dot is wrong (a known Triton bug).
+INTERPRETER_CAPABILITIES = dataclasses.replace(CAPABILITIES, dtypes=(torch.float16, torch.float32),
+                                               devices=("cpu",))
 
 
 def interpreting() -> bool:
@@ -405,6 +410,9 @@ def _check_supported(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     """What validate_decode_inputs leaves to the implementation: dtype, widths, devices."""
     if q.dtype not in CAPABILITIES.dtypes:
         raise TypeError(f"q must be bfloat16, float16 or float32; got {q.dtype}")
+    if interpreting() and q.dtype not in INTERPRETER_CAPABILITIES.dtypes:
+        raise TypeError(f"under TRITON_INTERPRET=1, q must be float16 or float32 (a bf16 tl.dot is wrong in "
+                        f"Triton's interpreter); got {q.dtype}")
     if head_dim_v > MAX_HEAD_DIM_V or q.shape[-1] - head_dim_v > MAX_ROPE_DIM:
         raise ValueError(f"head_dim_v must be <= {MAX_HEAD_DIM_V} and d - head_dim_v <= {MAX_ROPE_DIM}; got "
                          f"d={q.shape[-1]}, head_dim_v={head_dim_v}")
@@ -426,7 +434,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     return launch_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, float(softmax_scale), causal, plan)
 
 
-@declare(CAPABILITIES)
+def _declared() -> Capabilities:
+    return INTERPRETER_CAPABILITIES if interpreting() else CAPABILITIES
+
+
+@declare(_declared())
 def triton_paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                         cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
                         causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
