@@ -62,7 +62,8 @@ from mla_verify.decode_properties import DECODE_PROPERTIES, DecodeProperty, prop
 from mla_verify.profiles import PROFILES, Profile, hypothesis_settings
 from mla_verify.progress import Progress
 from mla_verify.registry import module_root
-from mla_verify.strategies import DEFAULT_PAGES, DEFAULT_WIDTHS, DecodeCase, decode_cases, dtype_name, pinned_cases
+from mla_verify.strategies import (DEFAULT_PAGES, DEFAULT_WIDTHS, SERVING_LENGTH, DecodeCase, decode_cases, dtype_name,
+                                  pinned_cases)
 
 __all__ = ["PropertyReport", "Certificate", "certify", "run_property", "Coverage", "not_covered"]
 
@@ -122,7 +123,7 @@ class Coverage:
 
 
 def _serving_scale(case: DecodeCase) -> bool:
-    return case.batch >= 32 or max(case.lengths, default=0) >= 4096
+    return case.batch >= 32 or max(case.lengths, default=0) >= SERVING_LENGTH
 
 
 def _length_kind(n: int, page: int) -> str:

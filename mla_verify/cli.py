@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 __all__ = ["main", "entry"]
@@ -432,6 +433,12 @@ def entry() -> int:
         code = 1
         try:
             code = main()
+        except SystemExit as stop:  # argparse: --help, usage errors
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+            if isinstance(stop.code, str):
+                _stderr(stop.code)
+        except BaseException:  # a bug of mla_verify itself: its traceback is what a report needs
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -14,6 +14,7 @@ certify an implementation (those without the `mla_implementation` marker).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -71,6 +72,10 @@ def pytest_configure(config: pytest.Config) -> None:
     chosen = Selection(config.getoption("--mla-impl"), PROFILES[name],
                        config.getoption("--mla-device"), config.getoption("--mla-counterexamples"))
     if config.getoption("--mla-impl") or os.environ.get("MLA_VERIFY_IMPL") or chosen.device != "cpu":
+        # the user's kernel module sits where they stand, as for the CLI (plain `pytest` does not
+        # put the current folder on sys.path)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         _validate(chosen)
     _selection[:] = [chosen]
 

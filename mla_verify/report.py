@@ -284,9 +284,8 @@ def _property_details(prop: dict) -> list[str]:
             continue
         parts = []
         if where:
-            parts.append(f"error {_format_ratio(where.get('error'))} of bound {_format_ratio(where.get('bound'))} "
-                         f"(ratio {_format_ratio(where.get('ratio'))}) "
-                         f"at <code>{_escape(where.get('where', '?'))}</code>")
+            # the certifier writes "out at [b, s_q, h, c] = [...]: error …, tolerance …"
+            parts.append(f"<code>{_escape(where)}</code>")
         if case:
             parts.append(f"case <code>{_escape(_describe_case(case))}</code>")
         items.append(f"<li>{name}, worst passing case ({tier}): {'; '.join(parts)}</li>")

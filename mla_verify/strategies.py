@@ -34,6 +34,7 @@ DEFAULT_PAGES = (16, 64, 1, 4, 7, 128)
 # (d, head_dim_v): small widths for speed, the real 576/512, and MiniCPM3's 288/256.
 DEFAULT_WIDTHS = ((40, 32), (80, 64), (576, 512), (24, 8), (288, 256))
 SCALES = ("inverse_sqrt_d", "deepseek_v3", "one")
+SERVING_LENGTH = 4096  # a context this long or a batch of 32 is serving scale
 
 
 def _is_int(value: object) -> bool:
@@ -192,8 +193,11 @@ def decode_cases(draw: st.DrawFn, capabilities: Capabilities, limits: CaseLimits
     s_q = draw(st.integers(1, min(capabilities.max_s_q, max_s_q)), label="s_q")
     causal = draw(st.booleans(), label="causal") if capabilities.causal else False
     max_len = min(max_len, max(max_work // (batch * s_q * heads * d), page_size + 1))
-    if serving:  # long rows: lengths drawn near the cap (they shrink to half of it), so a bug past a threshold is reached
-        long = st.integers(max(max_len // 2, 0), max_len)
+    if serving:
+        # long rows, from 4096 tokens (or an eighth of the cap) to the cap: every band of serving
+        # lengths is met, and a bug past a length threshold shrinks to the band's low end
+        low = max_len // 2 if max_len < 8192 else max(SERVING_LENGTH, max_len // 8)
+        long = st.integers(low, max_len)
         lengths = tuple(draw(st.lists(st.one_of(long, _lengths(page_size, max_len)), min_size=batch,
                                       max_size=batch), label="lengths"))
     else:

@@ -251,6 +251,18 @@ def test_mla_impl_collects_only_the_tests_that_certify_it():
     assert "deselected" in run.stdout
 
 
+@pytest.mark.skipif(not CONSOLE.with_name("pytest").exists(), reason="the pytest console script is not installed")
+def test_plain_pytest_finds_the_users_kernel_in_the_current_folder(tmp_path):
+    folder = _folder_with_kernels(tmp_path)
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLA_VERIFY_IMPL")}
+    run = subprocess.run([str(CONSOLE.with_name("pytest")), "-p", "no:cacheprovider", "-q",
+                          str(REPO / "properties" / "test_decode_kernel.py"), "--mla-impl", "my_kernels:out_scaled",
+                          "-k", "test_matches_reference_pinned"], cwd=folder, env=clean, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout + run.stderr
+    assert "constant factor" in run.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_mla_device_cuda_without_a_gpu_is_one_usage_error():
     run = _pytest("properties", "--mla-device", "cuda", "-q")

@@ -99,8 +99,8 @@ def certificate(name: str = "torch", scale: float = 1.0, elapsed_s: float = 30.0
             {"name": "matches_reference", "verdict": "fail", "examples": 200, "passed": 196, "failed": 3,
              "declined": 1, "declined_reasons": {"page size 7 <unsupported>": 1},
              "max_ratio": 0.41 * scale, "max_sharp_ratio": "inf",
-             "worst": {"sound": {"ratio": 0.41, "error": 1.2e-3, "bound": 2.9e-3, "where": "out[1, 0, 7, 33]"},
-                       "sharp": None},
+             "worst": {"sound": "out at [b, s_q, h, c] = [1, 0, 7, 33]: error 0.0012, tolerance 0.0029",
+                       "sharp": ""},
              "worst_case": FULL_CASE, "worst_sharp_case": None,
              "failures": [
                  {"signature": "wrong lse (one head)", "kind": "wrong lse", "message": HOSTILE_MESSAGE,
@@ -207,7 +207,7 @@ def test_the_summary_table_reads_non_finite_strings(page):
     assert "deterministicpass100100000" in text
     assert "error/bound is the observed error divided by the tolerance the case allows; ≤ 1 passes." in text
     assert "page size 7 <unsupported>" in text
-    assert "out[1, 0, 7, 33]" in text
+    assert "out at [b, s_q, h, c] = [1, 0, 7, 33]: error 0.0012, tolerance 0.0029" in text
 
 
 def test_the_plot_captions_count_what_the_log_axis_leaves_out(page):
