@@ -406,11 +406,11 @@ class IsolatedRunner:
         if self._child is not None and self._spec == spec and self._child.is_alive():
             return self._connection
         self.close()
-        # A fork server that has imported torch and the kernel's module (but touched no GPU)
-        # starts each child quickly and gives it a CUDA context of its own.
+        # A fork server that has imported torch (but touched no GPU) starts each child quickly
+        # and gives it a CUDA context of its own. The kernel's module is imported in the child:
+        # one that touches CUDA on import would leave every forked child a broken context.
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "mla_verify.decode_properties", "mla_verify.registry",
-                                        spec.partition(":")[0]])
+        context.set_forkserver_preload(["torch", "mla_verify.decode_properties", "mla_verify.registry"])
         ours, theirs = context.Pipe()
         self._child = context.Process(target=_serve_isolated, args=(theirs, spec, self.timeout_s), daemon=True)
         self._child.start()

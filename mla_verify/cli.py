@@ -18,9 +18,6 @@ from pathlib import Path
 
 __all__ = ["main", "entry"]
 
-DECODE_PROPERTY_NAMES = ("matches_reference", "page_order_invariant", "rows_independent", "deterministic")
-
-
 class UsageError(Exception):
     """A one-line message for the user; exit code 2."""
 
@@ -332,6 +329,8 @@ def _cmd_cache_table(args: argparse.Namespace) -> int:
 
 
 def _add_run_options(command: argparse.ArgumentParser) -> None:
+    from mla_verify.decode_properties import DECODE_PROPERTIES
+
     command.add_argument("--profile", choices=("quick", "default", "thorough"), default="default")
     command.add_argument("--max-examples", type=_positive_int, help="examples per property (overrides the profile)")
     command.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -346,7 +345,7 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
                               "counterexamples)")
     command.add_argument("--timeout", type=_seconds, default=600.0,
                          help="seconds a kernel call may take before it counts as hung (default 600; 0: no limit)")
-    command.add_argument("--property", action="append", choices=DECODE_PROPERTY_NAMES,
+    command.add_argument("--property", action="append", choices=[p.name for p in DECODE_PROPERTIES],
                          help="run only this property (repeatable; default: all)")
     command.add_argument("--strict", action="store_true",
                          help="a case the kernel declines although its capabilities claim it is a failure")
@@ -361,6 +360,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from mla_verify.decode_properties import DECODE_PROPERTIES
+
     parser = _Parser(prog="mla-verify", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -379,7 +380,7 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("impl", nargs="?", help="registered name or package.module:attr")
     one.add_argument("--case", required=True, help="a counterexample's case.json, or a file with the case dict")
     one.add_argument("--device", help="build the case on this device instead of the recorded one")
-    one.add_argument("--property", action="append", choices=DECODE_PROPERTY_NAMES,
+    one.add_argument("--property", action="append", choices=[p.name for p in DECODE_PROPERTIES],
                      help="judge by this property only (repeatable; default: all)")
     one.set_defaults(run=_cmd_check)
 

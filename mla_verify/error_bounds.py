@@ -216,17 +216,16 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     w_norm = (v_sq[:, None, None, :] - 2 * v_dot_o + (o_norm ** 2)[..., None]).clamp_min(0).sqrt()  # ‖v_t − o‖
     mass_sq = P2.sum(-1)  # Σ_g P_g²
 
-    def vector_sum(rms_per_key: torch.Tensor, worst_per_key: torch.Tensor) -> torch.Tensor:
+    def vector_sum(rms_per_key: torch.Tensor | float, worst_per_key: torch.Tensor | float) -> torch.Tensor:
         """Size of Σ_g P_g·x_g·w_g for independent mean-zero x_g (RMS ≤ rms_g, |x_g| ≤ worst_g):
         κ times its root mean square, capped by the worst case."""
         rms = (P2 * (rms_per_key * w_norm) ** 2).sum(-1).sqrt()
         worst = (p * worst_per_key * w_norm).sum(-1)
         return torch.minimum(VECTOR_SPREAD * rms, worst)
 
-    ones = torch.ones_like(p)
     # rounding to nearest leaves an error uniform within half an ulp: RMS ≤ u/√3, never more than u
     p_rounding = (u_p * torch.clamp(TAIL * mass_sq.sqrt(), max=1.0) * o_norm
-                  + vector_sum(u_p / math.sqrt(3) * ones, u_p * ones))
+                  + vector_sum(u_p / math.sqrt(3), u_p))
     through_softmax = vector_sum(c, c) + (p * bias * w_norm).sum(-1)
     # P·V partial sums, and the normaliser: a kernel divides by its own row sum or multiplies by
     # exp(−lse) of its own lse, whose error beyond the score average is the lse's sum/log/store terms

@@ -194,10 +194,12 @@ def decode_cases(draw: st.DrawFn, capabilities: Capabilities, limits: CaseLimits
     causal = draw(st.booleans(), label="causal") if capabilities.causal else False
     max_len = min(max_len, max(max_work // (batch * s_q * heads * d), page_size + 1))
     if serving:
-        # long rows, from 4096 tokens (or an eighth of the cap) to the cap: every band of serving
-        # lengths is met, and a bug past a length threshold shrinks to the band's low end
-        low = max_len // 2 if max_len < 8192 else max(SERVING_LENGTH, max_len // 8)
-        long = st.integers(low, max_len)
+        # long rows: near the cap (half of them, the rows where a bug past a length threshold shows
+        # most), else anywhere from 4096 tokens (or an eighth of the cap) up, so that every band of
+        # serving lengths is met
+        near_cap = st.integers(max_len // 2, max_len)
+        long = near_cap if max_len < 8192 else st.one_of(near_cap, st.integers(max(SERVING_LENGTH, max_len // 8),
+                                                                               max_len))
         lengths = tuple(draw(st.lists(st.one_of(long, _lengths(page_size, max_len)), min_size=batch,
                                       max_size=batch), label="lengths"))
     else:

@@ -133,6 +133,29 @@ def test_a_hanging_kernel_is_a_timeout_failure(tmp_path, isolate, monkeypatch):
     assert failure["kind"] == "call did not return in time", failure
 
 
+def test_the_call_deadline_interrupts_python_and_keeps_an_outer_alarm():
+    import signal
+    import time
+
+    from mla_verify.checks import CallTimedOut, deadline
+
+    with pytest.raises(CallTimedOut):
+        with deadline(0.2):
+            while True:
+                time.sleep(0.01)
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 5.0)
+        with deadline(1.0):
+            pass
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 3.0 < remaining <= 5.0 and not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_a_kernel_calling_sys_exit_is_a_failure_not_the_exit_code(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(_folder_with_kernels(tmp_path))
     assert main(["certify", "my_kernels:exits", *QUICK, "--max-examples", "2"]) == 1
