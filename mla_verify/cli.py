@@ -312,11 +312,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from mla_verify.registry import DEFAULT_IMPLEMENTATION, registered
+    from mla_verify.registry import DEFAULT_IMPLEMENTATION, registered, registered_layers
 
-    for name, spec in sorted(registered().items()):
-        marker = "  (default)" if name == DEFAULT_IMPLEMENTATION else ""
-        print(f"{name:12} {spec}{marker}")
+    rows = [(name, "decode kernel", spec + ("  (default)" if name == DEFAULT_IMPLEMENTATION else ""))
+            for name, spec in sorted(registered().items())]
+    rows += [(name, "layer", spec) for name, spec in sorted(registered_layers().items())]
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'name':{width}}  {'kind':13}  target")
+    for name, kind, spec in rows:
+        print(f"{name:{width}}  {kind:13}  {spec}")
     return 0
 
 
@@ -397,7 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", help="write the Markdown certificate here")
     report.set_defaults(run=_cmd_report)
 
-    listing = commands.add_parser("list", help="list registered implementations")
+    listing = commands.add_parser("list", help="list registered decode kernels and layers")
     listing.set_defaults(run=_cmd_list)
 
     table = commands.add_parser("cache-table", help="KV-cache bytes per token for the presets")

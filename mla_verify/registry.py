@@ -21,7 +21,7 @@ from mla_verify.checks import Implementation
 from mla_verify.contract import MissingDependency, capabilities_of, check_signature
 
 __all__ = ["ENTRY_POINT_GROUP", "DEFAULT_IMPLEMENTATION", "ENVIRONMENT_VARIABLE", "ImplementationError",
-           "registered", "resolve", "module_root"]
+           "OWN_LAYERS", "registered", "registered_layers", "resolve", "module_root"]
 
 ENTRY_POINT_GROUP = "mla_verify.implementations"
 DEFAULT_IMPLEMENTATION = "torch"
@@ -35,6 +35,18 @@ class ImplementationError(Exception):
 def registered() -> dict[str, str]:
     """Registered name → 'module:attr'."""
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+# the project's own whole layers (layer_contract factories), beside the HF adapters
+OWN_LAYERS = {"fast-layer": "mla_verify.impls.fast_layer:fast_layer",
+              "fast-layer-torch": "mla_verify.impls.fast_layer:fast_layer_torch_decode"}
+
+
+def registered_layers() -> dict[str, str]:
+    """Layer name → 'module:attr' of its factory (mla_verify.layer_contract.LayerFactory)."""
+    from mla_verify.adapters import LAYER_ADAPTERS
+
+    return {**{a.name: a.target for a in LAYER_ADAPTERS.values()}, **OWN_LAYERS}
 
 
 def resolve(name: str | None = None, search_path: tuple[str, ...] = ()) -> Implementation:
@@ -58,6 +70,10 @@ def _resolve(name: str, search_path: tuple[str, ...]) -> Implementation:
     missing = _missing_library(name, spec)
     if missing is not None:
         raise ImplementationError(f"'{name}': {missing}")
+    if name in registered_layers():
+        raise ImplementationError(f"'{name}' is a whole layer, and this command takes a decode kernel; layers are "
+                                  "certified under pytest: python -m pytest properties/test_layer.py "
+                                  "properties/test_fast_layer.py")
     if ":" not in spec:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

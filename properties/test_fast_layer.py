@@ -6,9 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mla_verify.layer_contract import LayerCase, check_layer
+from mla_verify.registry import OWN_LAYERS
 from mla_verify.strategies import mla_configs
 
-FACTORY = "mla_verify.impls.fast_layer:fast_layer_torch_decode"
+FACTORY = OWN_LAYERS["fast-layer-torch"]
 
 
 @st.composite

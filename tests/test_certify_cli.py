@@ -111,10 +111,19 @@ def test_a_device_the_kernel_does_not_declare_is_a_usage_error(capsys):
     assert "declares devices ['cuda']; pass --device cuda" in err and len(err.splitlines()) == 1
 
 
-def test_list_shows_the_own_implementation(capsys):
+def test_list_shows_decode_kernels_and_layers_with_their_kind(capsys):
     assert main(["list"]) == 0
-    out = capsys.readouterr().out
-    assert "torch" in out and "mla_verify.impls.torch_decode:torch_paged_decode" in out
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    kinds = {row[0]: " ".join(row[1:3]) if row[1] == "decode" else row[1] for row in rows}
+    assert kinds["torch"] == "decode kernel" and kinds["triton"] == "decode kernel"
+    assert kinds["hf-deepseek-v3-eager"] == "layer" and kinds["fast-layer"] == "layer"
+    assert any(row[0] == "torch" and "mla_verify.impls.torch_decode:torch_paged_decode" in row for row in rows)
+
+
+def test_certify_of_a_layer_name_says_where_layers_are_certified(capsys):
+    assert main(["certify", "hf-deepseek-v3-eager"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a whole layer" in err and "properties/test_layer.py" in err and len(err.splitlines()) == 1
 
 
 def test_replay_of_a_folder_that_is_not_an_artifact_exits_2(tmp_path, capsys):
