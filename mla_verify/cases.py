@@ -23,7 +23,7 @@ import torch
 
 from mla_verify.strategies import DecodeCase
 
-__all__ = ["OUT_OF_RANGE_BLOCK", "DecodeInputs", "build_inputs", "sequence_values"]
+__all__ = ["OUT_OF_RANGE_BLOCK", "DecodeInputs", "build_inputs", "device_problem", "sequence_values"]
 
 OUT_OF_RANGE_BLOCK = 2**31 - 1
 CANARY_COLUMNS = 8
@@ -124,6 +124,19 @@ def _bitwise_changed(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[before.element_size()]
         return before.view(width) != after.view(width)
     return before != after
+
+
+def device_problem(device: str) -> str | None:
+    """Why cases cannot be built on `device` ('cpu', 'cuda', 'cuda:N'), or None when they can."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
+        return "expected cpu, cuda or cuda:N"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device on this machine"
+        if index and int(index) >= torch.cuda.device_count():
+            return f"torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    return None
 
 
 def build_inputs(case: DecodeCase, redraw_rows: dict[int, int] | None = None,

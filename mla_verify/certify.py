@@ -293,7 +293,8 @@ def certificate_markdown(data: dict) -> str:
     for p in data["properties"]:
         for number, failure in enumerate(p["failures"], 1):
             lines.append("")
-            lines.append(f"## {p['name']}: failure {number} of {len(p['failures'])} — {_escape(failure['signature'])}")
+            lines.append(f"## {p['name']}: failure {number} of {len(p['failures'])} — "
+                         f"{_escape(failure['signature'])}")
             lines.append("")
             lines.append(f"- {_escape(failure['message'])}" + (" (flaky)" if failure.get("flaky") else ""))
             lines.append(f"- minimal case: `{_describe_case(failure)}`")
@@ -310,7 +311,8 @@ def certificate_markdown(data: dict) -> str:
             if p.get(case_key):
                 where = p.get("worst", {}).get(tier)
                 lines.append(f"- worst passing case of {p['name']} ({tier}): "
-                             f"`{DecodeCase.from_dict(p[case_key]).describe()}`" + (f"; {_escape(where)}" if where else ""))
+                             f"`{DecodeCase.from_dict(p[case_key]).describe()}`"
+                             + (f"; {_escape(where)}" if where else ""))
     lines.append("")
     first = data["properties"][0] if data["properties"] else None
     if first:
@@ -509,9 +511,10 @@ def run_property(impl: Implementation, prop: DecodeProperty, profile: Profile, d
             failure = caught
         if failure is not None:
             report.failed += 1
-            ratio = failure.finding.ratio if math.isfinite(failure.finding.ratio) else None
-            sharp = "sharp tier" in failure.finding.message
-            report.cases.append(_case_record(case, "fail", None if sharp else ratio, ratio if sharp else None))
+            finding = failure.finding
+            ratio = finding.ratio if math.isfinite(finding.ratio) else None
+            report.cases.append(_case_record(case, "fail", ratio if finding.tier == "sound" else None,
+                                             ratio if finding.tier == "sharp" else None))
             if failure.finding.signature in known:
                 return  # reported by an earlier round: count it and search on
             raise failure.distinct()  # outside the except block: the signature alone tells failures apart

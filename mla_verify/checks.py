@@ -60,6 +60,8 @@ class Finding:
     ratio: float = math.inf
     # where the failure arises, as part of its signature ("rows that see no key", an exception type)
     locus: str = ""
+    # the tolerance tier `ratio` is measured against: "sound", "sharp", or "" for exact checks
+    tier: str = ""
 
     @property
     def signature(self) -> str:
@@ -193,8 +195,9 @@ def _type_names(result: object) -> str:
     return f"{type(result).__name__} of {len(items)} ({', '.join(names)}){hint}"
 
 
-def _fail(kind: FailureKind, message: str, case: DecodeCase, ratio: float = math.inf, locus: str = "") -> CaseFailure:
-    return CaseFailure(Finding(kind, message, ratio, locus), case)
+def _fail(kind: FailureKind, message: str, case: DecodeCase, ratio: float = math.inf, locus: str = "",
+          tier: str = "") -> CaseFailure:
+    return CaseFailure(Finding(kind, message, ratio, locus, tier), case)
 
 
 def _poison_allocator(case: DecodeCase, device: torch.device) -> None:
@@ -310,11 +313,13 @@ def compare(observed: Observed, expected: Expected, capabilities: Capabilities, 
     if lse_ratio > 1:
         raise _fail(FailureKind.WRONG_LSE, f"|lse - ref| / bound = {lse_ratio:.3g} at [b, h, s_q] = "
                     f"{list(lse_at)}: lse {lse[lse_at].item():.9g}, ref {ref_lse[lse_at].item():.9g}, "
-                    f"bound {expected.lse_bound.cpu()[lse_at].item():.3g} (sound tier)", case, lse_ratio)
+                    f"bound {expected.lse_bound.cpu()[lse_at].item():.3g} (sound tier)", case,
+                    lse_ratio, tier="sound")
     if out_ratio > 1:
         raise _fail(FailureKind.WRONG_VALUES, f"|out - ref| / bound = {out_ratio:.3g} at [b, s_q, h, c] = "
                     f"{list(out_at)}: out {out[out_at].item():.9g}, ref {ref_out[out_at].item():.9g}, "
-                    f"bound {expected.out_bound.cpu()[out_at].item():.3g} (sound tier)", case, out_ratio)
+                    f"bound {expected.out_bound.cpu()[out_at].item():.3g} (sound tier)", case,
+                    out_ratio, tier="sound")
 
     row_error = (out - ref_out).norm(dim=-1) * has_key  # [b, s, h]
     sharp_out_ratio, row_at = worst_ratio(row_error, expected.sharp_out.cpu())
@@ -325,14 +330,15 @@ def compare(observed: Observed, expected: Expected, capabilities: Capabilities, 
                     f"{list(at)}: lse {lse[at].item():.9g}, ref {ref_lse[at].item():.9g}, |error| "
                     f"{lse_error[at].item():.3g}, tolerance {expected.sharp_lse.cpu()[at].item():.3g} "
                     f"(sharp tier; the sound bound {expected.lse_bound.cpu()[at].item():.3g} holds)", case,
-                    sharp_lse_ratio)
+                    sharp_lse_ratio, tier="sharp")
     if sharp_out_ratio > 1:
         at = row_at
         reference_norm = ref_out[at].norm().item()
         raise _fail(FailureKind.WRONG_VALUES, f"‖out - ref‖ / sharp tolerance = {sharp_out_ratio:.3g} in row "
                     f"[b, s_q, h] = {list(at)}: relative error {row_error[at].item() / max(reference_norm, 1e-300):.3g}"
                     f", tolerance {expected.sharp_out.cpu()[at].item() / max(reference_norm, 1e-300):.3g} of ‖ref‖ "
-                    f"(sharp tier; every element is within its sound bound)", case, sharp_out_ratio)
+                    f"(sharp tier; every element is within its sound bound)", case, sharp_out_ratio,
+                    tier="sharp")
     if lse_ratio >= out_ratio:
         sound_at = _where("lse", "[b, h, s_q]", lse_at, lse_error, expected.lse_bound.cpu())
     else:
@@ -433,4 +439,5 @@ def check_case(impl: Implementation, case: DecodeCase) -> Ratios:
                 if finding.kind in (FailureKind.WRONG_VALUES, FailureKind.WRONG_LSE) and not finding.locus else "")
         if not hint:
             raise
-        raise _fail(finding.kind, f"{finding.message}; hint: {hint}", case, finding.ratio, finding.locus) from None
+        raise _fail(finding.kind, f"{finding.message}; hint: {hint}", case, finding.ratio, finding.locus,
+                    finding.tier) from None

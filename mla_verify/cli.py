@@ -49,17 +49,11 @@ def _seconds(text: str) -> float | None:
 
 
 def _check_device(device: str) -> None:
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
-        raise UsageError(f"--device {device}: expected cpu, cuda or cuda:N")
-    if kind == "cuda":
-        import torch
+    from mla_verify.cases import device_problem
 
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: torch sees no CUDA device on this machine")
-        if index and int(index) >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
-                             f"numbered from 0")
+    problem = device_problem(device)
+    if problem:
+        raise UsageError(f"--device {device}: {problem}")
 
 
 def _check_output_file(option: str, path: str | None) -> None:

@@ -88,14 +88,11 @@ def _validate(chosen: Selection) -> None:
         chosen.implementation()
     except ImplementationError as error:
         raise pytest.UsageError(f"mla_verify: {error}") from None
-    kind, _, index = chosen.device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
-        raise pytest.UsageError(f"mla_verify: --mla-device {chosen.device}: expected cpu, cuda or cuda:N")
-    if kind == "cuda":
-        import torch
+    from mla_verify.cases import device_problem
 
-        if not torch.cuda.is_available():
-            raise pytest.UsageError(f"mla_verify: --mla-device {chosen.device}: torch sees no CUDA device")
+    problem = device_problem(chosen.device)
+    if problem:
+        raise pytest.UsageError(f"mla_verify: --mla-device {chosen.device}: {problem}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
