@@ -224,7 +224,7 @@ def sweep() -> None:
 # ----------------------------------------------------------------------------------------------
 
 def check_cases():
-    from mla_verify.strategies import DecodeCase
+    from mla_verify.decode.case import DecodeCase
 
     def case(dtype, b, s_q, h, widths, page, lengths, causal, strided=False, regime="unit", seed=0):
         return DecodeCase(dtype=dtype, batch=b, s_q=s_q, heads=h, d=widths[0], head_dim_v=widths[1], page_size=page,
@@ -258,8 +258,8 @@ def check_cases():
 
 
 def check(quick: bool = False) -> bool:
-    from mla_verify.cases import build_inputs
-    from mla_verify.checks import CaseFailure, Implementation, call_kernel, compare, expected_for
+    from mla_verify.decode.inputs import build_inputs
+    from mla_verify.decode.checks import CaseFailure, Implementation, call_kernel, compare, expected_for
 
     impl = Implementation(name="triton", spec="mla_verify.kernels.triton_decode:triton_paged_decode",
                           fn=td.triton_paged_decode, capabilities=td.CAPABILITIES)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from mla_verify.error_bounds import RoundingModel, decode_bounds
+from mla_verify.decode.bounds import RoundingModel, decode_bounds
 from mla_verify.reference import paged_decode_reference, paged_decode_terms
 
 

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from mla_verify.cases import build_inputs
-from mla_verify.checks import CaseFailure, call_kernel, compare, expected_for, worst_ratio
+from mla_verify.decode.inputs import build_inputs
+from mla_verify.decode.checks import CaseFailure, call_kernel, compare, expected_for, worst_ratio
 from mla_verify.registry import resolve
-from mla_verify.strategies import DecodeCase
+from mla_verify.decode.case import DecodeCase
 
 SCALES = ("inverse_sqrt_d", "deepseek_v3")
 

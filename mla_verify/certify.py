@@ -1,7 +1,7 @@
 """Certify a decode kernel: run every decode property under Hypothesis and write the certificate.
 
 The search does not stop at the first failure: each distinct failure (its signature: the failure
-kind and where it arises, see `mla_verify.checks.Finding`) is shrunk on its own by Hypothesis
+kind and where it arises, see `mla_verify.decode.checks.Finding`) is shrunk on its own by Hypothesis
 (report_multiple_bugs) and gets its own minimal case, counterexample artifact and replay command.
 A case the kernel declines (`mla_verify.Declined`, NotImplementedError) is counted with its reason
 and the search goes on; with `strict` it is a failure.
@@ -55,15 +55,15 @@ import torch
 from hypothesis import Phase, example, given, settings, target
 
 import mla_verify
-from mla_verify.checks import (DEFAULT_TIMEOUT_S, CaseDeclined, CaseFailure, FailureKind, Finding,
+from mla_verify.decode.checks import (DEFAULT_TIMEOUT_S, CaseDeclined, CaseFailure, FailureKind, Finding,
                                Implementation, Ratios)
 from mla_verify.counterexample import save_counterexample
-from mla_verify.decode_properties import DECODE_PROPERTIES, DecodeProperty, property_named
+from mla_verify.decode.properties import DECODE_PROPERTIES, DecodeProperty, property_named
 from mla_verify.profiles import PROFILES, Profile, hypothesis_settings
 from mla_verify.progress import Progress
 from mla_verify.registry import module_root
-from mla_verify.strategies import (DEFAULT_PAGES, DEFAULT_WIDTHS, SERVING_LENGTH, DecodeCase, decode_cases, dtype_name,
-                                  pinned_cases)
+from mla_verify.decode.case import SERVING_LENGTH, DecodeCase, dtype_name
+from mla_verify.decode.strategies import DEFAULT_PAGES, DEFAULT_WIDTHS, decode_cases, pinned_cases
 
 __all__ = ["PropertyReport", "Certificate", "certify", "run_property", "Coverage", "not_covered"]
 
@@ -289,7 +289,7 @@ def certificate_markdown(data: dict) -> str:
     lines.append("error/bound is the observed error divided by the tolerance the case allows; ≤ 1 passes. The "
                  "max columns are over the cases that passed. Sound tier: a worst-case rounding-error bound, "
                  "element by element. Sharp tier: a probabilistic rounding model on the lse and on each row's "
-                 "error norm (see mla_verify/error_bounds.py).")
+                 "error norm (see mla_verify/decode/bounds.py).")
     for p in data["properties"]:
         for number, failure in enumerate(p["failures"], 1):
             lines.append("")
@@ -412,7 +412,7 @@ class IsolatedRunner:
         # and gives it a CUDA context of its own. The kernel's module is imported in the child:
         # one that touches CUDA on import would leave every forked child a broken context.
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "mla_verify.decode_properties", "mla_verify.registry"])
+        context.set_forkserver_preload(["torch", "mla_verify.decode.properties", "mla_verify.registry"])
         ours, theirs = context.Pipe()
         self._child = context.Process(target=_serve_isolated, args=(theirs, spec, self.timeout_s), daemon=True)
         self._child.start()

@@ -49,7 +49,7 @@ def _seconds(text: str) -> float | None:
 
 
 def _check_device(device: str) -> None:
-    from mla_verify.cases import device_problem
+    from mla_verify.decode.inputs import device_problem
 
     problem = device_problem(device)
     if problem:
@@ -94,7 +94,7 @@ def _resolve(spec: str | None, **options: object):
 
 
 def _check_declared_device(impl, device: str) -> None:
-    from mla_verify.contract import declares_capabilities
+    from mla_verify.decode.contract import declares_capabilities
 
     # a declared device list is a claim; a bare function's default ('cpu') is only a guess
     if declares_capabilities(impl.fn) and device.split(":")[0] not in impl.capabilities.devices:
@@ -202,8 +202,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from mla_verify.decode_properties import check
-    from mla_verify.strategies import DecodeCase
+    from mla_verify.decode.properties import check
+    from mla_verify.decode.case import DecodeCase
 
     impl = _resolve(args.impl)
     path = Path(args.case)
@@ -230,9 +230,9 @@ _CHILD_PROCESS_KINDS = ("process crashed", "call did not return in time")
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from mla_verify.checks import CaseDeclined, CaseFailure
+    from mla_verify.decode.checks import CaseDeclined, CaseFailure
     from mla_verify.counterexample import load_counterexample
-    from mla_verify.decode_properties import property_named
+    from mla_verify.decode.properties import property_named
 
     path = Path(args.path)
     if not (path / "case.json").exists() and not (path.name == "case.json" and path.exists()):
@@ -327,7 +327,7 @@ def _cmd_cache_table(args: argparse.Namespace) -> int:
 
 
 def _add_run_options(command: argparse.ArgumentParser) -> None:
-    from mla_verify.decode_properties import DECODE_PROPERTIES
+    from mla_verify.decode.properties import DECODE_PROPERTIES
 
     command.add_argument("--profile", choices=("quick", "default", "thorough"), default="default")
     command.add_argument("--max-examples", type=_positive_int, help="examples per property (overrides the profile)")
@@ -358,7 +358,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from mla_verify.decode_properties import DECODE_PROPERTIES
+    from mla_verify.decode.properties import DECODE_PROPERTIES
 
     parser = _Parser(prog="mla-verify", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)

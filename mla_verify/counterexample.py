@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from mla_verify.checks import CaseFailure, Implementation, expected_for
-from mla_verify.decode_properties import property_named
+from mla_verify.decode.checks import CaseFailure, Implementation, expected_for
+from mla_verify.decode.properties import property_named
 from mla_verify.registry import module_root
-from mla_verify.strategies import DecodeCase
+from mla_verify.decode.case import DecodeCase
 
 __all__ = ["save_counterexample", "load_counterexample", "replay"]
 

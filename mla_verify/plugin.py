@@ -88,7 +88,7 @@ def _validate(chosen: Selection) -> None:
         chosen.implementation()
     except ImplementationError as error:
         raise pytest.UsageError(f"mla_verify: {error}") from None
-    from mla_verify.cases import device_problem
+    from mla_verify.decode.inputs import device_problem
 
     problem = device_problem(chosen.device)
     if problem:
@@ -128,7 +128,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def _property_failures(error: BaseException) -> list:
-    from mla_verify.checks import CaseFailure
+    from mla_verify.decode.checks import CaseFailure
 
     if isinstance(error, CaseFailure) and hasattr(error, "property_name"):
         return [error]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, Phase, settings
 
-from mla_verify.strategies import CaseLimits
+from mla_verify.decode.strategies import CaseLimits
 
 __all__ = ["Profile", "PROFILES", "hypothesis_settings"]
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from mla_verify.config import GQAConfig, MLAConfig, yarn_mscale
-from mla_verify.contract import validate_decode_inputs
+from mla_verify.decode.contract import validate_decode_inputs
 
 __all__ = [
     "MLAWeights",
@@ -355,7 +355,7 @@ def paged_decode_terms(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
 def paged_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                            cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
                            causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode core in the contract's layout (see mla_verify.contract), computed in float64 from
+    """The decode core in the contract's layout (see mla_verify.decode.contract), computed in float64 from
     the inputs exactly as given (already rounded to the kernel's input type).
 
     Returns out [b, s_q, h_q, head_dim_v] float64 and lse [b, h_q, s_q] float64 (natural log); a row

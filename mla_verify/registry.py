@@ -17,8 +17,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 
-from mla_verify.checks import Implementation
-from mla_verify.contract import MissingDependency, capabilities_of, check_signature
+from mla_verify.adapters import MissingDependency
+from mla_verify.decode.checks import Implementation
+from mla_verify.decode.contract import capabilities_of, check_signature
 
 __all__ = ["ENTRY_POINT_GROUP", "DEFAULT_IMPLEMENTATION", "ENVIRONMENT_VARIABLE", "ImplementationError",
            "OWN_LAYERS", "registered", "registered_layers", "resolve", "module_root"]

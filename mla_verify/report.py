@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Iterable
 
-from mla_verify.strategies import DecodeCase
+from mla_verify.decode.case import DecodeCase
 
 __all__ = ["ReportError", "render_comparison_html", "render_html", "write_html"]
 

@@ -1,4 +1,4 @@
-"""Decode-kernel certification: every property of mla_verify.decode_properties under Hypothesis.
+"""Decode-kernel certification: every property of mla_verify.decode.properties under Hypothesis.
 
 The implementation comes from --mla-impl / MLA_VERIFY_IMPL (default: the project's own 'torch'),
 the case sizes and example counts from --mla-profile. Each distinct failure of a property (its
@@ -14,10 +14,10 @@ minimal case.
 import pytest
 from hypothesis import Phase, event, example, given, reject, settings, target
 
-from mla_verify.checks import CaseDeclined, CaseFailure
-from mla_verify.decode_properties import DECODE_PROPERTIES
+from mla_verify.decode.checks import CaseDeclined, CaseFailure
+from mla_verify.decode.properties import DECODE_PROPERTIES
 from mla_verify.plugin import selection
-from mla_verify.strategies import case_supported, decode_cases, pinned_cases
+from mla_verify.decode.strategies import case_supported, decode_cases, pinned_cases
 
 pytestmark = pytest.mark.mla_implementation
 

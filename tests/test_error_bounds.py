@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mla_verify.error_bounds import RoundingModel, decode_bounds, gamma, smallest_subnormal, unit_roundoff
+from mla_verify.decode.bounds import RoundingModel, decode_bounds, gamma, smallest_subnormal, unit_roundoff
 from mla_verify.reference import paged_decode_terms
 
 
@@ -66,7 +66,7 @@ def test_sharp_tier_is_far_tighter_at_long_contexts():
 def test_identical_keys_are_one_group():
     """Equal keys round identically, so the sharp tier must treat them as one term: with every key
     equal the P-rounding allowance is that of a single key (u_p·‖o‖), not of L independent ones."""
-    from mla_verify.error_bounds import _distinct_keys
+    from mla_verify.decode.bounds import _distinct_keys
 
     rows = torch.randn(2, 6, 4, dtype=torch.float64)
     rows[0, 3] = rows[0, 1]

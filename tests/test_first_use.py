@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mla_verify.checks import Implementation
+from mla_verify.decode.checks import Implementation
 from mla_verify.certify import certify
 from mla_verify.cli import main
 from mla_verify.progress import BarProgress, LineProgress, Progress, progress_for
@@ -137,7 +137,7 @@ def test_the_call_deadline_interrupts_python_and_keeps_an_outer_alarm():
     import signal
     import time
 
-    from mla_verify.checks import CallTimedOut, deadline
+    from mla_verify.decode.checks import CallTimedOut, deadline
 
     with pytest.raises(CallTimedOut):
         with deadline(0.2):

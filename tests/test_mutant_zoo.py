@@ -21,11 +21,11 @@ import torch
 from hypothesis import settings
 
 from mla_verify.certify import PropertyReport, run_property
-from mla_verify.checks import CaseFailure, FailureKind, Implementation
-from mla_verify.decode_properties import property_named
+from mla_verify.decode.checks import CaseFailure, FailureKind, Implementation
+from mla_verify.decode.properties import property_named
 from mla_verify.profiles import PROFILES
 from mla_verify.registry import resolve
-from mla_verify.strategies import DecodeCase
+from mla_verify.decode.case import DecodeCase
 
 import zoo
 

@@ -19,10 +19,10 @@ import zoo
 from zoo import legit
 
 from mla_verify.certify import run_property
-from mla_verify.decode_properties import property_named
+from mla_verify.decode.properties import property_named
 from mla_verify.profiles import PROFILES, Profile
 from mla_verify.registry import resolve
-from mla_verify.strategies import DecodeCase
+from mla_verify.decode.case import DecodeCase
 
 CASES_PER_TEST = 5_700
 SEEDS = (20261201, 20261202, 20261203)

@@ -4,10 +4,10 @@ Triton reads TRITON_INTERPRET when a kernel is defined, so whichever module impo
 kernel first would decide the mode for the whole pytest process. The kernel cases therefore run in
 one worker subprocess started with TRITON_INTERPRET=1 (this file, run as a script); the tests here
 read its verdicts, one test per case. Each case is judged by the suite's own machinery
-(mla_verify.checks.check_case): poisoned allocator, NaN in every unused cache slot, int32-max ids in
+(mla_verify.decode.checks.check_case): poisoned allocator, NaN in every unused cache slot, int32-max ids in
 unused block-table entries, canaries around q and the strided cache, input integrity, exact empty
 rows (out 0, lse -inf) and out/lse within the case's derived float64-reference bound
-(mla_verify.error_bounds, the project's one tolerance model); then a second call must be
+(mla_verify.decode.bounds, the project's one tolerance model); then a second call must be
 bit-identical (the kernel declares itself deterministic).
 
 bfloat16 is not run here: a bf16 tl.dot in the interpreter returns garbage (~1e10 for unit-scale
@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mla_verify.strategies import DecodeCase
+from mla_verify.decode.case import DecodeCase
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_TIMEOUT_S = 600
@@ -124,8 +124,8 @@ def _judge(kc: KernelCase) -> dict:
     """Run one case through the interpreter; returns {"ok", "message", "sound", "sharp", "seconds"}."""
     import functools
 
-    from mla_verify.cases import build_inputs
-    from mla_verify.checks import CaseFailure, Implementation, call_kernel, compare, expected_for
+    from mla_verify.decode.inputs import build_inputs
+    from mla_verify.decode.checks import CaseFailure, Implementation, call_kernel, compare, expected_for
     from mla_verify.kernels import triton_decode as td
 
     config = td.DecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1) if kc.config == "test" else None
@@ -206,7 +206,7 @@ def test_interpreted_kernel_matches_reference(verdicts, case_id):
 
 
 def test_declared_capabilities():
-    from mla_verify.contract import capabilities_of
+    from mla_verify.decode.contract import capabilities_of
     from mla_verify.kernels.triton_decode import triton_paged_decode
 
     caps = capabilities_of(triton_paged_decode)

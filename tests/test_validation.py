@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mla_verify.config import mla_preset
-from mla_verify.contract import Capabilities, declare
+from mla_verify.decode.contract import Capabilities, declare
 from mla_verify.impls.torch_decode import torch_paged_decode
 from mla_verify.reference import mla_forward, paged_decode_reference, random_weights
 
@@ -61,5 +61,5 @@ def test_capabilities_are_validated():
         Capabilities(lse_base="10")
     with pytest.raises(ValueError, match="empty_row_lse must be -inf or \\+inf"):
         Capabilities(empty_row_lse=0.0)
-    with pytest.raises(TypeError, match="capabilities must be a mla_verify.contract.Capabilities"):
+    with pytest.raises(TypeError, match="capabilities must be a mla_verify.decode.contract.Capabilities"):
         declare({"dtypes": (torch.float16,)})

@@ -1,7 +1,7 @@
 """Adapters: third-party MLA code mapped onto this project's contracts.
 
 Decode kernels (FlashMLA, FlashInfer, vLLM's and SGLang's Triton decode) are wrapped as functions of
-the decode contract (`mla_verify.contract`); HF transformers' DeepseekV3/V2 attention is wrapped as
+the decode contract (`mla_verify.decode.contract`); HF transformers' DeepseekV3/V2 attention is wrapped as
 a layer of the layer contract (`mla_verify.layer_contract`). Every adapter imports its library
 lazily, on the first call, so this package and every adapter module import on a machine that has
 none of the libraries; a missing library raises `MissingDependency` naming what to install.
@@ -25,10 +25,9 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from mla_verify.contract import MissingDependency
-
 __all__ = [
     "Adapter",
+    "MissingDependency",
     "DECODE_ADAPTERS",
     "LAYER_ADAPTERS",
     "adapter_named",
@@ -40,6 +39,15 @@ __all__ = [
     "bind_by_name",
     "parameter_names",
 ]
+
+
+class MissingDependency(ImportError):
+    """An adapter's library is not installed; the message is one line naming what to install."""
+
+    def __init__(self, library: str, install: str) -> None:
+        super().__init__(f"{library} is not installed: {install}")
+        self.library = library
+        self.install = install
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from types import ModuleType
 import torch
 
 from mla_verify.adapters import DECODE_ADAPTERS, load_module
-from mla_verify.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 
 __all__ = ["flashinfer_decode", "paged_kv_indices", "split_queries", "split_latent_cache",
            "lse_base2_to_natural", "token_major_to_contract_lse", "WORKSPACE_BYTES"]

@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 
 from mla_verify.adapters import DECODE_ADAPTERS, load_module
-from mla_verify.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 
 __all__ = ["flashmla_decode", "metadata_arguments"]
 

@@ -48,7 +48,7 @@ from torch import nn
 
 from mla_verify.adapters import LAYER_ADAPTERS, load_module
 from mla_verify.config import MLAConfig, yarn_mscale
-from mla_verify.contract import MissingDependency
+from mla_verify.adapters import MissingDependency
 from mla_verify.layer_contract import InternalPrecision
 from mla_verify.reference import MLAWeights, rope_cos_sin
 

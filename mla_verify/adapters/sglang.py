@@ -47,7 +47,7 @@ import torch
 from mla_verify.adapters import (DECODE_ADAPTERS, bind_by_name, expand_query_rows, load_module, merge_split_lse,
                                  parameter_names, split_is_nonempty)
 from mla_verify.adapters.vllm import HEAD_DIMS, check_page_layout, rows_to_contract_lse
-from mla_verify.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 
 __all__ = ["sglang_triton_decode", "MAX_KV_SPLITS", "token_slots", "token_rows", "Scratch", "scratch_for"]
 

@@ -45,7 +45,7 @@ import torch
 
 from mla_verify.adapters import (DECODE_ADAPTERS, bind_by_name, expand_query_rows, load_module, merge_split_lse,
                                  parameter_names, split_is_nonempty)
-from mla_verify.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 
 __all__ = ["vllm_triton_decode", "NUM_KV_SPLITS", "scratch_shape", "rows_to_contract_lse", "check_page_layout"]
 

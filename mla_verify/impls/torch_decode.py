@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from mla_verify.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 
 __all__ = ["torch_paged_decode"]
 

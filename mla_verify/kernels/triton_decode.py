@@ -3,7 +3,7 @@
     triton_paged_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
                         causal=False) -> (out, lse)
 
-The contract is mla_verify.contract's (FlashMLA's layout):
+The contract is mla_verify.decode.contract's (FlashMLA's layout):
 
     q:             [b, s_q, h_q, d]                 latent part (head_dim_v) first, rope part last
     kv_cache:      [num_blocks, page_size, 1, d]    row = [c (head_dim_v) | k_pe]; c is also V.
@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_verify.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 
 __all__ = ["triton_paged_decode", "paged_decode", "DecodeConfig", "DecodePlan", "decode_config", "plan_decode",
            "launch_decode", "interpreting"]

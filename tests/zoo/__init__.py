@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from mla_verify.checks import FailureKind, Implementation
-from mla_verify.contract import capabilities_of
+from mla_verify.decode.checks import FailureKind, Implementation
+from mla_verify.decode.contract import capabilities_of
 
 from . import cross_row, determinism, heads, interface, legit, lse, masking, paging, precision, scale, split_kv, subtle
 from .common import correct_decode

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from mla_verify.contract import validate_decode_inputs
+from mla_verify.decode.contract import validate_decode_inputs
 
 __all__ = ["F32", "gather", "qk", "pv", "visible_mask", "masked_softmax", "finish", "correct_decode"]
 

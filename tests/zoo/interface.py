@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mla_verify.contract import validate_decode_inputs
+from mla_verify.decode.contract import validate_decode_inputs
 
 from .common import finish, gather, masked_softmax, pv, qk, visible_mask
 

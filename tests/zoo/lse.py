@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mla_verify.contract import validate_decode_inputs
+from mla_verify.decode.contract import validate_decode_inputs
 
 from .common import finish, gather, masked_softmax, pv, qk, visible_mask
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mla_verify.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 
 from .common import F32, finish, gather, masked_softmax, qk, visible_mask
 

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from mla_verify.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 
 from .common import F32, finish, gather, masked_softmax, pv, qk, visible_mask
 

@@ -12,11 +12,11 @@ from typing import Callable
 
 import torch
 
-from mla_verify.cases import DecodeInputs, build_inputs
-from mla_verify.checks import (CaseDeclined, CaseFailure, FailureKind, Finding, Implementation, Observed, Ratios, call_kernel,
+from mla_verify.decode.inputs import DecodeInputs, build_inputs
+from mla_verify.decode.checks import (CaseDeclined, CaseFailure, FailureKind, Finding, Implementation, Observed, Ratios, call_kernel,
                                check_case, expected_for)
-from mla_verify.contract import capabilities_of
-from mla_verify.strategies import DecodeCase
+from mla_verify.decode.contract import capabilities_of
+from mla_verify.decode.case import DecodeCase
 
 __all__ = ["DecodeProperty", "DECODE_PROPERTIES", "property_named", "CaseVerdict", "check"]
 

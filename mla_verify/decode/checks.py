@@ -2,7 +2,7 @@
 
 A check either returns the observed/bound ratios of both tiers (`Ratios`) or raises `CaseFailure`
 carrying a `Finding`: the failure kind, a message with observed vs expected, and the case. A kernel
-that cleanly refuses a case (`mla_verify.contract.Declined` or NotImplementedError) raises
+that cleanly refuses a case (`mla_verify.decode.contract.Declined` or NotImplementedError) raises
 `CaseDeclined` instead: not a failure, counted apart.
 
 Every failure has a `signature`, the kind and where it arises (rows that see no key, the type of a
@@ -22,11 +22,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from mla_verify.cases import DecodeInputs, build_inputs
-from mla_verify.contract import Capabilities, Declined
-from mla_verify.error_bounds import RoundingModel, decode_bounds
+from mla_verify.decode.inputs import DecodeInputs, build_inputs
+from mla_verify.decode.contract import Capabilities, Declined
+from mla_verify.decode.bounds import RoundingModel, decode_bounds
 from mla_verify.reference import paged_decode_terms
-from mla_verify.strategies import DecodeCase
+from mla_verify.decode.case import DecodeCase
 
 __all__ = ["FailureKind", "Finding", "CaseFailure", "CaseDeclined", "Implementation", "Expected", "Observed",
            "Ratios", "EMPTY_ROWS", "DEFAULT_TIMEOUT_S", "CallTimedOut", "deadline", "worst_ratio", "call_kernel",

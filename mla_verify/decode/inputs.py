@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mla_verify.strategies import DecodeCase
+from mla_verify.decode.case import DecodeCase
 
 __all__ = ["OUT_OF_RANGE_BLOCK", "DecodeInputs", "build_inputs", "device_problem", "sequence_values"]
 
