@@ -234,10 +234,11 @@ def load_weights(module: MLA, weights) -> None:
         sources["wq.weight"] = weights.wq
     else:
         sources.update({"wq_a.weight": weights.wq_a, "q_norm.weight": weights.q_norm, "wq_b.weight": weights.wq_b})
-    module.load_state_dict(sources, strict=False)  # load_state_dict copies in place, rounding to the module's dtype
+    sources = {name: tensor for name, tensor in sources.items() if tensor is not None}
     missing = {name for name, _ in module.named_parameters()} - set(sources)
     if missing:
         raise ValueError(f"weights has no tensor for {sorted(missing)}")
+    module.load_state_dict(sources, strict=False)  # copies in place, rounding to the module's dtype
 
 
 def hf_state_dict(weights) -> dict:
