@@ -158,6 +158,19 @@ def test_mutant_passes_where_its_bug_does_not_reach(mutant, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_wrong_split_is_silently_wrong_when_nope_is_wider_than_v(dtype):
+    """The W_UK/W_UV split at d_v raises when d_n < d_v (the slice is short), but with d_n > d_v it
+    computes a layer of the right shape with part of W_UK used as W_UV: that must be caught by the
+    numbers, not by an exception."""
+    _needs_bounds(dtype)
+    mutant = next(m for m in layer_zoo.ZOO if m.factory.__name__ == "SplitAtVHeadDim")
+    found = search(mutant.factory, dtype, SEARCH_EXAMPLES, lambda c: c.qk_nope_head_dim > c.v_head_dim)
+    _searches[(f"{mutant.name} (d_n > d_v)", dtype)] = found
+    assert found.error is not None, f"not caught in {found.examples} drawn {dtype} cases with d_n > d_v"
+    assert isinstance(found.error, LayerFailure) and found.kind != "exception", found.error
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("control", sorted(layer_zoo.CONTROLS))
 def test_control_passes(control, dtype):
     _needs_bounds(dtype)
