@@ -1,5 +1,9 @@
 """mla-verify: certify, compare, check, replay, report, list, cache-table.
 
+Every command that takes an implementation takes a decode kernel or a whole layer: a registered
+name (`mla-verify list`), 'package.module:attr' or 'path/to/file.py:attr'. A layer factory is told
+from a decode kernel by its signature, factory(config, weights, dtype, device); --layer forces it.
+
 Exit codes: 0 success; 1 a property failed (certify, compare, check), a counterexample still fails
 (replay), or the kernel crashed or hung the process running it; 2 a usage error (an implementation
 that cannot be resolved, a bad argument or path, a counterexample that cannot be read); 130 interrupted.
@@ -84,24 +88,55 @@ def _check_output_folder(option: str, path: str | None) -> None:
         raise UsageError(f"{option} {path}: cannot create or write it ({existing} is not a writable folder)")
 
 
-def _resolve(spec: str | None, **options: object):
-    from mla_verify.registry import ImplementationError, resolve
+def _resolve(spec: str | None, layer: bool | None = None, **options: object):
+    """A decode kernel or a layer (layer=True: only a layer; None: whichever `spec` names)."""
+    from mla_verify.registry import ImplementationError, resolve_any
 
     try:
-        return resolve(spec, **options)
+        return resolve_any(spec, layer=layer or None, **options)
     except ImplementationError as error:
         raise UsageError(str(error)) from None
+
+
+def _is_layer(impl) -> bool:
+    return getattr(impl, "kind", "") == "layer"
 
 
 def _check_declared_device(impl, device: str) -> None:
     from mla_verify.decode.contract import declares_capabilities
 
+    if _is_layer(impl):
+        devices = tuple(getattr(impl.capabilities, "devices", ("cpu",)))
+        if device.split(":")[0] not in devices:
+            raise UsageError(f"'{impl.name}' declares devices {list(devices)}; pass --device {devices[0]}")
+        return
     # a declared device list is a claim; a bare function's default ('cpu') is only a guess
     if declares_capabilities(impl.fn) and device.split(":")[0] not in impl.capabilities.devices:
         hint = (" (Triton's interpreter runs it on the CPU: set TRITON_INTERPRET=1)"
                 if impl.name == "triton" and device == "cpu" else "")
         raise UsageError(f"'{impl.name}' declares devices {list(impl.capabilities.devices)}; pass --device "
                          f"{impl.capabilities.devices[0]}{hint}")
+
+
+def _check_selection(impl, args: argparse.Namespace) -> None:
+    """--property names a property of this implementation's half; --dtype names a dtype it declares."""
+    from mla_verify.certify import LayerHalf, half_of
+
+    half = half_of(impl)
+    if getattr(args, "property", None):
+        names = [p.name for p in half.properties(impl)]
+        for name in args.property:
+            if name not in names:
+                raise UsageError(f"--property {name}: not a property of {half.kind} '{impl.name}' (its properties: "
+                                 f"{', '.join(names)})")
+    if getattr(args, "dtype", None):
+        from mla_verify.certify import _dtype_names
+
+        declared = (LayerHalf.dtypes(impl, None) if isinstance(half, LayerHalf)
+                    else _dtype_names(impl.capabilities.dtypes))
+        outside = [name for name in args.dtype if name not in declared]
+        if outside:
+            raise UsageError(f"--dtype {' '.join(outside)}: '{impl.name}' declares dtypes {list(declared)}")
 
 
 def _write_outputs(certificate_data: dict, args: argparse.Namespace, markdown: str | None) -> None:
@@ -132,7 +167,8 @@ def _certify_one(impl, args: argparse.Namespace, progress):
 
     return certify(impl, profile=args.profile, device=args.device, max_examples=args.max_examples, seed=args.seed,
                    counterexamples=args.counterexamples, isolate=args.isolate, properties=args.property,
-                   strict=args.strict, progress=progress, timeout_s=args.timeout, command=_command_line())
+                   strict=args.strict, progress=progress, timeout_s=args.timeout, command=_command_line(),
+                   dtypes=args.dtype)
 
 
 def _command_line() -> str:
@@ -142,15 +178,17 @@ def _command_line() -> str:
 def _cmd_certify(args: argparse.Namespace) -> int:
     from mla_verify.progress import progress_for
 
-    impl = _resolve(args.impl)
+    impl = _resolve(args.impl, layer=args.layer)
     _check_device(args.device)
     _check_declared_device(impl, args.device)
+    _check_selection(impl, args)
     for option in ("json", "markdown", "html"):
         _check_output_file(f"--{option}", getattr(args, option))
     _check_output_folder("--counterexamples", args.counterexamples)
     _check_report_available(args)
     progress = progress_for(args.quiet)
-    progress.note(f"certifying {impl.name} ({impl.spec}) on {args.device}, profile {args.profile}")
+    kind = "layer" if _is_layer(impl) else "decode kernel"
+    progress.note(f"certifying {kind} {impl.name} ({impl.spec}) on {args.device}, profile {args.profile}")
     certificate = _certify_one(impl, args, progress)
     data = certificate.to_dict()
     _write_outputs(data, args, certificate.to_markdown())
@@ -158,6 +196,11 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         print(f"{report.verdict.upper():4}  {report.name}: {report.examples} cases ({report.passed} passed, "
               f"{report.failed} failed, {report.declined} declined); passing cases: max error/bound "
               f"{report.max_ratio:.3g} (sound), {report.max_sharp_ratio:.3g} (sharp)")
+        stages = report.extra.get("max_stage_ratios")
+        if stages:
+            print("      per stage: " + ", ".join(f"{stage} {ratio:.3g}" for stage, ratio in stages.items()))
+        if report.extra.get("max_relative_error") is not None:
+            print(f"      largest relative error |out - ref| / |ref|: {report.extra['max_relative_error']:.3g}")
         for number, failure in enumerate(report.failures, 1):
             print(f"      failure {number}/{len(report.failures)}: {failure['signature']}"
                   + (" (flaky)" if failure["flaky"] else ""))
@@ -177,10 +220,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if len(args.impls) < 2:
         raise UsageError("compare: name at least two implementations, e.g. mla-verify compare torch triton")
-    impls = [_resolve(spec) for spec in args.impls]
+    impls = [_resolve(spec, layer=args.layer) for spec in args.impls]
+    if len({_is_layer(impl) for impl in impls}) > 1:
+        raise UsageError("compare: name decode kernels only or layers only (they are judged by different "
+                         "properties on different cases)")
     _check_device(args.device)
     for impl in impls:
         _check_declared_device(impl, args.device)
+        _check_selection(impl, args)
     for option in ("json", "markdown", "html"):
         _check_output_file(f"--{option}", getattr(args, option))
     _check_output_folder("--counterexamples", args.counterexamples)
@@ -201,16 +248,31 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0 if all(c["verdict"] != "fail" for c in certificates) else 1
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    from mla_verify.decode.properties import check
-    from mla_verify.decode.case import DecodeCase
-
-    impl = _resolve(args.impl)
-    path = Path(args.case)
+def _read_case_file(path: Path) -> object:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--case {path}: expected a case.json (a counterexample's, or the case dict alone); "
+                         f"{type(error).__name__}: {error}") from None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from mla_verify.decode.case import DecodeCase
+    from mla_verify.decode.properties import check
+
+    path = Path(args.case)
+    data = _read_case_file(path)
+    recorded_layer = isinstance(data, dict) and data.get("implementation_kind") == "layer"
+    spec = args.impl
+    if spec is None and recorded_layer and not args.layer:
+        spec = data.get("implementation")  # a layer's counterexample names its layer
+    impl = _resolve(spec, layer=args.layer or None,
+                    search_path=tuple(data.get("search_path") or ()) if isinstance(data, dict) else ())
+    if _is_layer(impl):
+        return _check_layer_case(impl, path, data, args)
+    try:
         case = DecodeCase.from_dict(data.get("case", data) if isinstance(data, dict) else data)
-    except (OSError, ValueError, TypeError, AttributeError) as error:
+    except (ValueError, TypeError, AttributeError) as error:
         raise UsageError(f"--case {path}: expected a case.json (a counterexample's, or the case dict alone); "
                          f"{type(error).__name__}: {error}") from None
     if args.device:
@@ -219,10 +281,47 @@ def _cmd_check(args: argparse.Namespace) -> int:
     elif case.device != "cpu":
         _check_device(case.device)
     print(f"checking {impl.name} on {case.describe()}")
+    _check_selection(impl, args)
     verdicts = check(impl, case, tuple(args.property) if args.property else None)
     for verdict in verdicts:
         print(verdict.describe())
     return 0 if all(v.failure is None for v in verdicts) else 1
+
+
+def _check_layer_case(impl, path: Path, data: object, args: argparse.Namespace) -> int:
+    """`check` of a layer case: every layer property (or the named ones) on the one case."""
+    from mla_verify.certify import CaseFault, CaseRefused, LayerHalf, layer_case_from_dict
+
+    try:
+        case = layer_case_from_dict(data["case"] if isinstance(data, dict) and "case" in data else data)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise UsageError(f"--case {path}: expected a layer case.json (a counterexample's, or the case dict alone); "
+                         f"{type(error).__name__}: {error}") from None
+    device = args.device or (data.get("device") if isinstance(data, dict) else None) or "cpu"
+    _check_device(device)
+    _check_declared_device(impl, device)
+    _check_selection(impl, args)
+    half = LayerHalf()
+    print(f"checking layer {impl.name} on {case.describe()}")
+    failed = False
+    for prop in half.properties(impl):
+        if args.property and prop.name not in args.property:
+            continue
+        try:
+            ratios, details = half.judge(impl, prop, case, device)
+        except CaseRefused as refused:
+            print(f"DECLINED  {prop.name}: {refused.reason}")
+            failed = True
+            continue
+        except CaseFault as failure:
+            print(f"FAIL  {prop.name}: {failure.fault.signature}: {failure.fault.message}")
+            failed = True
+            continue
+        relative = details.get("relative_error")
+        print(f"PASS  {prop.name}: max error/bound {ratios.sound:.3g} (sound), {ratios.sharp:.3g} (sharp)"
+              + (f", relative error {relative:.3g}" if relative is not None else "")
+              + f"; precision class {details.get('precision_class')}")
+    return 1 if failed else 0
 
 
 # kinds whose replay needs a child process: the failure ends or wedges the process that meets it
@@ -230,9 +329,8 @@ _CHILD_PROCESS_KINDS = ("process crashed", "call did not return in time")
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from mla_verify.decode.checks import CaseDeclined, CaseFailure
+    from mla_verify.certify import CaseFault, CaseRefused, half_of
     from mla_verify.counterexample import load_counterexample
-    from mla_verify.decode.properties import property_named
 
     path = Path(args.path)
     if not (path / "case.json").exists() and not (path.name == "case.json" and path.exists()):
@@ -241,11 +339,18 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         meta = load_counterexample(path)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    impl = _resolve(args.impl or meta["implementation"], search_path=tuple(meta.get("search_path") or ()))
+    layer = meta.get("implementation_kind") == "layer"
+    impl = _resolve(args.impl or meta["implementation"], layer=layer,
+                    search_path=tuple(meta.get("search_path") or ()))
+    if _is_layer(impl) != layer:
+        raise UsageError(f"--impl {args.impl}: the counterexample is of a {'layer' if layer else 'decode kernel'}, "
+                         f"and '{impl.name}' is not")
     case = meta["case"]
-    if case.device != "cpu":
-        _check_device(case.device)
-    prop = property_named(meta["property"])
+    device = meta.get("device", "cpu") if layer else case.device
+    if device != "cpu":
+        _check_device(device)
+    half = half_of(impl)
+    prop = half.property_named(meta["property"])
     print(f"replaying {prop.name} on {impl.name}: {case.describe()}")
     print(f"recorded: {meta.get('signature', meta['kind'])}: {meta['message']}")
     isolate = args.isolate or meta["kind"] in _CHILD_PROCESS_KINDS
@@ -257,12 +362,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
         isolated = IsolatedRunner(args.timeout)
     try:
-        isolated.check(impl, prop, case) if isolated else prop.check(impl, case)
-    except CaseDeclined as declined:
-        print(f"declined by the kernel: {declined.reason}")
+        isolated.judge(impl, prop, case, device) if isolated else half.judge(impl, prop, case, device)
+    except CaseRefused as declined:
+        print(f"declined by the {half.kind}: {declined.reason}")
         return 1
-    except CaseFailure as failure:
-        print(f"still fails: {failure.finding.signature}: {failure.finding.message}")
+    except CaseFault as failure:
+        print(f"still fails: {failure.fault.signature}: {failure.fault.message}")
         return 1
     finally:
         if isolated:
@@ -326,9 +431,22 @@ def _cmd_cache_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_options(command: argparse.ArgumentParser) -> None:
+def _property_names() -> list[str]:
+    """Every property name of both halves (which apply is checked once the implementation is known)."""
+    from mla_verify.certify import layer_properties
     from mla_verify.decode.properties import DECODE_PROPERTIES
 
+    return list(dict.fromkeys([p.name for p in DECODE_PROPERTIES] + [p.name for p in layer_properties()]))
+
+
+def _add_run_options(command: argparse.ArgumentParser) -> None:
+    from mla_verify.certify import ALL_DTYPES
+
+    command.add_argument("--layer", action="store_true",
+                         help="IMPL is a layer factory(config, weights, dtype, device) (default: told by its "
+                              "signature)")
+    command.add_argument("--dtype", action="append", choices=ALL_DTYPES,
+                         help="draw only this dtype (repeatable; default: every declared dtype)")
     command.add_argument("--profile", choices=("quick", "default", "thorough"), default="default")
     command.add_argument("--max-examples", type=_positive_int, help="examples per property (overrides the profile)")
     command.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -343,8 +461,8 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
                               "counterexamples)")
     command.add_argument("--timeout", type=_seconds, default=600.0,
                          help="seconds a kernel call may take before it counts as hung (default 600; 0: no limit)")
-    command.add_argument("--property", action="append", choices=[p.name for p in DECODE_PROPERTIES],
-                         help="run only this property (repeatable; default: all)")
+    command.add_argument("--property", action="append", choices=_property_names(),
+                         help="run only this property (repeatable; default: all of the implementation's half)")
     command.add_argument("--strict", action="store_true",
                          help="a case the kernel declines although its capabilities claim it is a failure")
     command.add_argument("--quiet", action="store_true", help="no progress output")
@@ -358,14 +476,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from mla_verify.decode.properties import DECODE_PROPERTIES
-
     parser = _Parser(prog="mla-verify", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    certify = commands.add_parser("certify", help="certify a decode kernel against the float64 reference")
-    certify.add_argument("impl", nargs="?", help="registered name, package.module:attr or path/to/file.py:attr "
-                         "(default: $MLA_VERIFY_IMPL, else the project's own 'torch')")
+    certify = commands.add_parser("certify", help="certify a decode kernel or a whole layer against the float64 "
+                                  "reference")
+    certify.add_argument("impl", nargs="?", help="registered name (mla-verify list), package.module:attr or "
+                         "path/to/file.py:attr of a decode kernel or a layer factory (default: $MLA_VERIFY_IMPL, "
+                         "else the project's own 'torch'; with --layer, $MLA_VERIFY_LAYER)")
     _add_run_options(certify)
     certify.set_defaults(run=_cmd_certify)
 
@@ -375,10 +493,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.set_defaults(run=_cmd_compare)
 
     one = commands.add_parser("check", help="judge one given case (a case.json) with both tiers")
-    one.add_argument("impl", nargs="?", help="registered name or package.module:attr")
+    one.add_argument("impl", nargs="?", help="registered name or package.module:attr (default: a layer "
+                     "counterexample's own layer, else $MLA_VERIFY_IMPL or 'torch')")
     one.add_argument("--case", required=True, help="a counterexample's case.json, or a file with the case dict")
     one.add_argument("--device", help="build the case on this device instead of the recorded one")
-    one.add_argument("--property", action="append", choices=[p.name for p in DECODE_PROPERTIES],
+    one.add_argument("--layer", action="store_true", help="IMPL is a layer factory")
+    one.add_argument("--property", action="append", choices=_property_names(),
                      help="judge by this property only (repeatable; default: all)")
     one.set_defaults(run=_cmd_check)
 

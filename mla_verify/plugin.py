@@ -1,14 +1,16 @@
 """pytest plugin: choose the implementation and profile a `pytest properties` run certifies.
 
-Options: --mla-impl NAME|module:attr (default $MLA_VERIFY_IMPL, else 'torch'), --mla-profile
-quick|default|thorough (default: quick when CI is set, else default), --mla-device, and
---mla-counterexamples DIR (where failing cases are saved as replayable artifacts). The report
-header names the implementation under test and the versions.
+Options: --mla-impl NAME|module:attr (the decode kernel; default $MLA_VERIFY_IMPL, else 'torch'),
+--mla-layer NAME|module:attr (a whole layer: a registered layer name or a layer factory; default
+$MLA_VERIFY_LAYER, else none), --mla-profile quick|default|thorough (default: quick when CI is set,
+else default), --mla-device, and --mla-counterexamples DIR (where failing cases are saved as
+replayable artifacts). The report header names the implementation under test and the versions.
 
 Installed, the plugin is loaded by every pytest run in the environment, so it changes nothing
 unless asked: it loads a Hypothesis profile only under --mla-profile (the project's own conftest.py
-loads one for the project's tests), and under --mla-impl it deselects the tests that do not
-certify an implementation (those without the `mla_implementation` marker).
+loads one for the project's tests); under --mla-impl it keeps only the tests that certify a decode
+kernel (the `mla_implementation` marker), under --mla-layer only those that certify a layer (the
+`mla_layer` marker), under both the tests of either.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from hypothesis import settings
 
 from mla_verify.profiles import PROFILES, Profile, hypothesis_settings
 
-__all__ = ["Selection", "selection", "IMPLEMENTATION_MARKER"]
+__all__ = ["Selection", "selection", "IMPLEMENTATION_MARKER", "LAYER_MARKER"]
 
 IMPLEMENTATION_MARKER = "mla_implementation"
+LAYER_MARKER = "mla_layer"
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,20 @@ class Selection:
     profile: Profile
     device: str
     counterexamples: str
+    layer_name: str | None = None
 
     def implementation(self):
         from mla_verify.registry import resolve
 
         return resolve(self.impl_name)
+
+    def layer(self):
+        """The layer named by --mla-layer or $MLA_VERIFY_LAYER; None when neither names one."""
+        from mla_verify.registry import LAYER_ENVIRONMENT_VARIABLE, resolve_layer
+
+        if self.layer_name is None and not os.environ.get(LAYER_ENVIRONMENT_VARIABLE):
+            return None
+        return resolve_layer(self.layer_name)
 
 
 _selection: list[Selection] = []
@@ -54,6 +66,8 @@ def selection() -> Selection:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mla_verify", "MLA kernel certification")
     group.addoption("--mla-impl", default=None, help="decode kernel to certify: registered name or module:attr")
+    group.addoption("--mla-layer", default=None,
+                    help="whole layer to certify: registered layer name or module:attr of a layer factory")
     group.addoption("--mla-profile", default=None, choices=sorted(PROFILES),
                     help="case sizes and example counts (default: quick under CI, else default)")
     group.addoption("--mla-device", default="cpu", help="device the cases are built on (cpu, cuda)")
@@ -63,6 +77,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{IMPLEMENTATION_MARKER}: certifies the implementation chosen by --mla-impl")
+    config.addinivalue_line("markers", f"{LAYER_MARKER}: certifies the layer chosen by --mla-layer")
     asked = config.getoption("--mla-profile")
     name = asked or ("quick" if os.environ.get("CI") else "default")
     if asked and not config.getoption("--hypothesis-profile", default=None):
@@ -70,7 +85,12 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.load_profile(f"mla-{name}")
     # no name: resolve() reads MLA_VERIFY_IMPL itself, and says so when it names nothing
     chosen = Selection(config.getoption("--mla-impl"), PROFILES[name],
-                       config.getoption("--mla-device"), config.getoption("--mla-counterexamples"))
+                       config.getoption("--mla-device"), config.getoption("--mla-counterexamples"),
+                       config.getoption("--mla-layer"))
+    if config.getoption("--mla-layer") or os.environ.get("MLA_VERIFY_LAYER"):
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        _validate_layer(chosen)
     if config.getoption("--mla-impl") or os.environ.get("MLA_VERIFY_IMPL") or chosen.device != "cpu":
         # the user's kernel module sits where they stand, as for the CLI (plain `pytest` does not
         # put the current folder on sys.path)
@@ -95,11 +115,26 @@ def _validate(chosen: Selection) -> None:
         raise pytest.UsageError(f"mla_verify: --mla-device {chosen.device}: {problem}")
 
 
+def _validate_layer(chosen: Selection) -> None:
+    from mla_verify.registry import ImplementationError
+
+    try:
+        chosen.layer()
+    except ImplementationError as error:
+        raise pytest.UsageError(f"mla_verify: {error}") from None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.getoption("--mla-impl"):
+    markers = [marker for option, marker in (("--mla-impl", IMPLEMENTATION_MARKER), ("--mla-layer", LAYER_MARKER))
+               if config.getoption(option)]
+    if not markers:
         return
-    kept = [item for item in items if item.get_closest_marker(IMPLEMENTATION_MARKER)]
-    deselected = [item for item in items if not item.get_closest_marker(IMPLEMENTATION_MARKER)]
+
+    def wanted(item: pytest.Item) -> bool:
+        return any(item.get_closest_marker(marker) for marker in markers)
+
+    kept = [item for item in items if wanted(item)]
+    deselected = [item for item in items if not wanted(item)]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
@@ -118,9 +153,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     from mla_verify.counterexample import save_counterexample
 
     chosen, lines = selection(), []
-    impl = chosen.implementation()
+    impl = chosen.layer() if item.get_closest_marker(LAYER_MARKER) else chosen.implementation()
     for number, failure in enumerate(failures, 1):
-        folder = save_counterexample(chosen.counterexamples, impl, failure.property_name, failure)
+        folder = save_counterexample(chosen.counterexamples, impl, failure.property_name, failure,
+                                     device=chosen.device)
         lines.append(f"failure {number}/{len(failures)}: {failure.finding.signature}\n"
                      f"  minimal case: {failure.case.describe()}\n  artifact: {folder}\n"
                      f"  replay:   mla-verify replay {folder}\n  or:       python {folder}/repro.py")
@@ -128,9 +164,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def _property_failures(error: BaseException) -> list:
+    from mla_verify.certify import CaseFault
     from mla_verify.decode.checks import CaseFailure
 
-    if isinstance(error, CaseFailure) and hasattr(error, "property_name"):
+    if isinstance(error, (CaseFailure, CaseFault)) and hasattr(error, "property_name"):
         return [error]
     if isinstance(error, BaseExceptionGroup):
         return [failure for inner in error.exceptions for failure in _property_failures(inner)]
@@ -149,5 +186,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     import hypothesis
     import torch
 
-    return [f"mla_verify: implementation {described}, profile {chosen.profile.name}, device {chosen.device}",
-            f"mla_verify: torch {torch.__version__}, hypothesis {hypothesis.__version__}"]
+    lines = [f"mla_verify: implementation {described}, profile {chosen.profile.name}, device {chosen.device}"]
+    try:
+        layer = chosen.layer()
+        if layer is not None:
+            lines.append(f"mla_verify: layer {layer.name} ({layer.spec})")
+    except ImplementationError as error:
+        lines.append(f"mla_verify: layer unresolved: {error}")
+    return lines + [f"mla_verify: torch {torch.__version__}, hypothesis {hypothesis.__version__}"]

@@ -49,8 +49,8 @@ def _verdict_line(report: PropertyReport) -> str:
 class LineProgress(Progress):
     """Plain lines on a stream (a log file, CI): one per property, one every `every` cases."""
 
-    def __init__(self, stream: TextIO = sys.stderr, every: int = LINE_EVERY) -> None:
-        self.stream, self.every = stream, every
+    def __init__(self, stream: TextIO | None = None, every: int = LINE_EVERY) -> None:
+        self.stream, self.every = stream or sys.stderr, every
 
     def _print(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
@@ -72,8 +72,8 @@ class LineProgress(Progress):
 class BarProgress(Progress):
     """A tqdm bar per property: cases done of planned, the current worst ratio of each tier, the time."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
         self._bar = None
         self._started = 0.0
 
@@ -104,9 +104,11 @@ class BarProgress(Progress):
         tqdm.write(message, file=self.stream)
 
 
-def progress_for(quiet: bool, stream: TextIO = sys.stderr) -> Progress:
-    """None under --quiet; bars on an interactive terminal; plain lines when stderr is a file, a pipe or CI."""
+def progress_for(quiet: bool, stream: TextIO | None = None) -> Progress:
+    """None under --quiet; bars on an interactive terminal; plain lines when stderr is a file, a pipe or CI.
+    stream: default the current sys.stderr (looked up at the call, not at import)."""
     if quiet:
         return Progress()
+    stream = stream or sys.stderr
     interactive = getattr(stream, "isatty", lambda: False)() and not os.environ.get("CI")
     return BarProgress(stream) if interactive else LineProgress(stream)

@@ -1,8 +1,15 @@
 """Naming an implementation: a registered name, 'package.module:attr', 'path/to/file.py:attr', or
 MLA_VERIFY_IMPL.
 
+Two kinds are named the same way: a decode kernel (the decode contract, `mla_verify.contract`) and
+a whole layer (a factory `factory(config, weights, dtype, device)` of the layer contract,
+`mla_verify.layer_contract`). `resolve` takes decode kernels only; `resolve_any` takes either and
+tells them apart by what is registered under the name, or else by the signature (`--layer` forces
+a layer).
+
 Installed packages register decode kernels in the entry-point group `mla_verify.implementations`
-(name = "module:function"); the project registers its own PyTorch kernel as `torch`.
+(name = "module:function"); the project registers its own PyTorch kernel as `torch`. Layers are
+the HF adapters (`mla_verify.adapters.LAYER_ADAPTERS`) and the project's own fast layer.
 """
 
 from __future__ import annotations
@@ -11,22 +18,29 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 from mla_verify.adapters import MissingDependency
-from mla_verify.decode.checks import Implementation
+from mla_verify.decode.checks import DEFAULT_TIMEOUT_S, Implementation
 from mla_verify.decode.contract import capabilities_of, check_signature
 
-__all__ = ["ENTRY_POINT_GROUP", "DEFAULT_IMPLEMENTATION", "ENVIRONMENT_VARIABLE", "ImplementationError",
-           "OWN_LAYERS", "registered", "registered_layers", "resolve", "module_root"]
+__all__ = ["ENTRY_POINT_GROUP", "DEFAULT_IMPLEMENTATION", "ENVIRONMENT_VARIABLE", "LAYER_ENVIRONMENT_VARIABLE",
+           "ImplementationError", "LayerImplementation", "OWN_LAYERS", "registered", "registered_layers", "resolve",
+           "resolve_layer", "resolve_any", "check_layer_signature", "module_root"]
 
 ENTRY_POINT_GROUP = "mla_verify.implementations"
 DEFAULT_IMPLEMENTATION = "torch"
 ENVIRONMENT_VARIABLE = "MLA_VERIFY_IMPL"
+LAYER_ENVIRONMENT_VARIABLE = "MLA_VERIFY_LAYER"
+LAYER_SIGNATURE = "factory(config, weights, dtype, device) returning a layer with prefill(x) and decode(x)"
+DECODE_SIGNATURE = "fn(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False)"
 
 
 class ImplementationError(Exception):
@@ -48,6 +62,131 @@ def registered_layers() -> dict[str, str]:
     from mla_verify.adapters import LAYER_ADAPTERS
 
     return {**{a.name: a.target for a in LAYER_ADAPTERS.values()}, **OWN_LAYERS}
+
+
+@dataclass
+class LayerImplementation:
+    """A whole layer to certify: its factory and what it declares (`LayerCapabilities`); `spec` is
+    how to import the factory ('module:attr', or 'path/file.py:attr')."""
+
+    name: str
+    spec: str
+    factory: Callable
+    capabilities: object
+    # wall-time limit of one case (building the layer, prefill and every decode step); None: no limit
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
+    kind = "layer"
+
+    @property
+    def fn(self) -> Callable:
+        """The factory (the name the decode half uses for the code under test)."""
+        return self.factory
+
+
+def check_layer_signature(factory: object) -> str | None:
+    """None if `factory` can be called as factory(config, weights, dtype, device), else a one-line reason."""
+    if not callable(factory):
+        return f"expected a callable layer factory, {LAYER_SIGNATURE}; got {type(factory).__name__}"
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*range(4))
+    except TypeError as error:
+        return f"expected a layer {LAYER_SIGNATURE}; {error}"
+    return None
+
+
+def _looks_like_layer(fn: object) -> bool:
+    """A callable that binds the layer factory's four arguments but not the decode contract's, or
+    whose first two parameters are named (config, weights)."""
+    try:
+        parameters = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+    if parameters[:2] == ["config", "weights"]:
+        return True
+    return check_layer_signature(fn) is None and check_signature(fn) is not None
+
+
+def resolve_layer(name: str | None = None, search_path: tuple[str, ...] = ()) -> LayerImplementation:
+    """The layer called `name` (a registered layer name, 'package.module:attr' or
+    'path/to/file.py:attr' of a layer factory); default $MLA_VERIFY_LAYER."""
+    resolved = resolve_any(name, search_path, layer=True)
+    assert isinstance(resolved, LayerImplementation)
+    return resolved
+
+
+def resolve_any(name: str | None = None, search_path: tuple[str, ...] = (),
+                layer: bool | None = None) -> Implementation | LayerImplementation:
+    """A decode kernel or a layer, whichever `name` is: a registered layer name is a layer, a
+    registered kernel name a kernel; 'module:attr' is told apart by its signature. layer=True
+    takes only layers (default name $MLA_VERIFY_LAYER), False only decode kernels."""
+    if layer is False:
+        return resolve(name, search_path)
+    variable = LAYER_ENVIRONMENT_VARIABLE if layer else ENVIRONMENT_VARIABLE
+    from_environment = name is None and bool(os.environ.get(variable))
+    if name is None and not from_environment:
+        if layer:
+            raise ImplementationError(f"name a layer ({', '.join(sorted(registered_layers()))}, or "
+                                      f"'package.module:attr' of a {LAYER_SIGNATURE}), or set {variable}")
+        return resolve(None, search_path)
+    name = name or os.environ[variable]
+    try:
+        return _resolve_any(name, search_path, layer)
+    except ImplementationError as error:
+        if from_environment:
+            raise ImplementationError(f"{variable}={name} (from the environment): {error}") from None
+        raise
+
+
+def _resolve_any(name: str, search_path: tuple[str, ...], layer: bool | None) -> Implementation | LayerImplementation:
+    layers = registered_layers()
+    if name in layers:
+        return _layer(name, layers[name], search_path)
+    if name in registered():
+        if layer:
+            raise ImplementationError(f"'{name}' is a decode kernel, and --layer asks for a layer factory "
+                                      f"({LAYER_SIGNATURE}); drop --layer to certify the kernel")
+        return _resolve(name, search_path)
+    if ":" not in name:
+        names = sorted(layers) if layer else sorted({*registered(), *layers})
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ImplementationError(f"'{name}' is neither a registered implementation ({', '.join(names)}) nor "
+                                  f"'package.module:attr' nor 'path/to/file.py:attr'{hint}")
+    fn, spec = _attribute(name, name, search_path)
+    if layer or _looks_like_layer(fn):
+        return _layer(name, spec, search_path, fn)
+    problem = check_signature(fn)
+    if problem:
+        problem = problem.replace("expected a callable decode kernel",
+                                  "expected a callable decode kernel or layer factory")
+        if problem.startswith("expected fn("):
+            problem = problem.replace(f"expected {DECODE_SIGNATURE}",
+                                      f"expected {DECODE_SIGNATURE} or a layer factory(config, weights, dtype, "
+                                      "device)", 1)
+        raise ImplementationError(f"'{name}': {problem}")
+    return Implementation(name=name, spec=spec, fn=fn, capabilities=capabilities_of(fn))
+
+
+def _layer(name: str, spec: str, search_path: tuple[str, ...], factory: Callable | None = None) -> LayerImplementation:
+    missing = _missing_library(name, spec)
+    if missing is not None:
+        raise ImplementationError(f"'{name}': {missing}")
+    if factory is None:
+        factory, spec = _attribute(name, spec, search_path)
+    problem = check_layer_signature(factory)
+    if problem:
+        raise ImplementationError(f"'{name}': {problem}")
+    from mla_verify.certify import layer_capabilities
+
+    try:
+        capabilities = layer_capabilities(factory)
+    except (TypeError, ValueError) as error:
+        raise ImplementationError(f"'{name}': its declared capabilities are not usable: {error}") from None
+    return LayerImplementation(name=name, spec=spec, factory=factory, capabilities=capabilities)
 
 
 def resolve(name: str | None = None, search_path: tuple[str, ...] = ()) -> Implementation:
@@ -72,15 +211,26 @@ def _resolve(name: str, search_path: tuple[str, ...]) -> Implementation:
     if missing is not None:
         raise ImplementationError(f"'{name}': {missing}")
     if name in registered_layers():
-        raise ImplementationError(f"'{name}' is a whole layer, and this command takes a decode kernel; layers are "
-                                  "certified under pytest: python -m pytest properties/test_layer.py "
-                                  "properties/test_fast_layer.py")
+        raise ImplementationError(f"'{name}' is a whole layer, and this takes a decode kernel; certify the layer "
+                                  f"with: mla-verify certify {name} (under pytest: --mla-layer {name})")
     if ":" not in spec:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ImplementationError(f"'{name}' is neither a registered implementation ({', '.join(sorted(names))}) "
                                   f"nor 'package.module:attr' nor 'path/to/file.py:attr'{hint}")
+    fn, spec = _attribute(name, spec, search_path)
+    problem = check_signature(fn)
+    if problem:
+        raise ImplementationError(f"'{name}': {problem}")
+    return Implementation(name=name, spec=spec, fn=fn, capabilities=capabilities_of(fn))
+
+
+def _attribute(name: str, spec: str, search_path: tuple[str, ...]) -> tuple[object, str]:
+    """The object 'module:attr' (or 'path/file.py:attr') names, and the spec that imports it from
+    anywhere (a file by its absolute path)."""
     module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise ImplementationError(f"'{name}': expected 'package.module:attr' or 'path/to/file.py:attr'")
     if module_name.endswith(".py"):
         module, spec = _module_from_file(name, module_name, attr)
     else:
@@ -92,10 +242,7 @@ def _resolve(name: str, search_path: tuple[str, ...]) -> Implementation:
             close = difflib.get_close_matches(part, [n for n in dir(module) if not n.startswith("_")], n=3)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise ImplementationError(f"module '{module_name}' has no attribute '{attr}' (from '{name}'){hint}")
-    problem = check_signature(fn)
-    if problem:
-        raise ImplementationError(f"'{name}': {problem}")
-    return Implementation(name=name, spec=spec, fn=fn, capabilities=capabilities_of(fn))
+    return fn, spec
 
 
 def _import(name: str, module_name: str, search_path: tuple[str, ...]) -> ModuleType:
@@ -156,9 +303,9 @@ def module_root(fn: object) -> str | None:
 def _missing_library(name: str, spec: str) -> str | None:
     """The one-line install hint when `name` is an adapter whose library is absent (checked before
     the first call, so a missing library is a usage error rather than an exception per case)."""
-    from mla_verify.adapters import DECODE_ADAPTERS, missing_dependency
+    from mla_verify.adapters import DECODE_ADAPTERS, LAYER_ADAPTERS, missing_dependency
 
-    for adapter in DECODE_ADAPTERS.values():
+    for adapter in (*DECODE_ADAPTERS.values(), *LAYER_ADAPTERS.values()):
         if name == adapter.name or spec == adapter.target:
             missing = missing_dependency(adapter.name)
             return str(missing) if missing is not None else None
@@ -169,9 +316,9 @@ def library_version(impl_spec: str) -> tuple[str, str] | None:
     """(package, version) of the third-party library behind an adapter, when installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from mla_verify.adapters import DECODE_ADAPTERS
+    from mla_verify.adapters import DECODE_ADAPTERS, LAYER_ADAPTERS
 
-    for adapter in DECODE_ADAPTERS.values():
+    for adapter in (*DECODE_ADAPTERS.values(), *LAYER_ADAPTERS.values()):
         if impl_spec == adapter.target:
             try:
                 return adapter.package, version(adapter.package)

@@ -120,12 +120,6 @@ def test_list_shows_decode_kernels_and_layers_with_their_kind(capsys):
     assert any(row[0] == "torch" and "mla_verify.impls.torch_decode:torch_paged_decode" in row for row in rows)
 
 
-def test_certify_of_a_layer_name_says_where_layers_are_certified(capsys):
-    assert main(["certify", "hf-deepseek-v3-eager"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "is a whole layer" in err and "properties/test_layer.py" in err and len(err.splitlines()) == 1
-
-
 def test_replay_of_a_folder_that_is_not_an_artifact_exits_2(tmp_path, capsys):
     assert main(["replay", str(tmp_path)]) == 2
     assert "not a counterexample folder" in capsys.readouterr().err
