@@ -9,9 +9,16 @@ form with SDPA and decodes in the absorbed form through a paged decode kernel.
   applied to its latent output.
 
 The decode kernel is any function of the decode contract: the project's Triton kernel on CUDA,
-the PyTorch kernel elsewhere. RMSNorm and RoPE are computed by the float64 reference functions
-and rounded to the layer's type; everything else runs in that type, so the layer declares a
-uniform precision of its dtype.
+the PyTorch kernel elsewhere.
+
+Declared precision (`fast_layer_precision`): RMSNorm (with its weights held in the layer's dtype)
+and RoPE are computed by the float64 reference functions and rounded once to the layer's dtype; the
+linear maps and einsums run in the dtype, which torch sums in float32 for bf16/fp16 (products
+exact) and rounds once; SDPA's math path (d_qk ≠ d_v) upcasts to float32 and its flash kernel
+(d_qk = d_v) rounds exp(s − max) to the dtype before P·V, so P is declared stored in the dtype; the
+PyTorch decode kernel computes in float32 (float64 for float64), the Triton kernel rounds P to the
+input type; scores stay in float32. The layer exposes every intermediate of the layer contract
+(q, latent, k_pe_raw, q_pe, k_pe, o), so each stage is judged on its own.
 """
 
 from __future__ import annotations
@@ -23,10 +30,21 @@ import torch
 import torch.nn.functional as F
 
 from mla_verify.config import MLAConfig
-from mla_verify.layer_contract import InternalPrecision
+from mla_verify.layer.contract import InternalPrecision, LayerCapabilities
 from mla_verify.reference import MLAWeights, apply_rope, rms_norm, rope_cos_sin
 
-__all__ = ["FastMLALayer", "fast_layer", "fast_layer_torch_decode"]
+__all__ = ["FastMLALayer", "fast_layer", "fast_layer_torch_decode", "fast_layer_precision"]
+
+F32, F64 = torch.float32, torch.float64
+NOTE = "naive SDPA prefill, absorbed paged decode; RMSNorm and RoPE in float64, rounded once"
+
+
+def fast_layer_precision(dtype: torch.dtype) -> InternalPrecision:
+    """What the fast layer computes in a module of `dtype` (see the module docstring)."""
+    if dtype == F64:
+        return InternalPrecision.for_module(F64, note=NOTE)
+    return InternalPrecision.for_module(dtype, note=NOTE, rms_norm=F64, rope=F64, rope_rotation=F64,
+                                        scores_stored=F32, softmax=F32)
 
 
 def _default_kernel(device: torch.device) -> Callable:
@@ -45,20 +63,25 @@ class FastMLALayer:
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.page_size = page_size
         self.kernel = decode_kernel or _default_kernel(self.device)
-        self.precision = InternalPrecision.uniform(dtype, note="naive SDPA prefill, absorbed paged decode")
+        self.precision = fast_layer_precision(dtype)
         h, dn, dv, dc = config.num_heads, config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank
 
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(self.device, dtype)
 
         self.w = {name: cast(getattr(weights, name)) for name in ("wq", "wq_a", "wq_b", "wkv_a", "wo")}
-        self.q_norm = None if weights.q_norm is None else weights.q_norm.to(self.device)
-        self.kv_norm = weights.kv_norm.to(self.device)
+        self.q_norm = cast(weights.q_norm)
+        self.kv_norm = cast(weights.kv_norm)
         wkv_b = weights.wkv_b.to(self.device, dtype).view(h, dn + dv, dc)
         self.w_uk, self.w_uv = wkv_b[:, :dn], wkv_b[:, dn:]  # [h, d_n, d_c], [h, d_v, d_c]
         self.cache: torch.Tensor | None = None
         self.block_table: torch.Tensor | None = None
         self.length = 0
+        self._intermediates: dict[str, torch.Tensor] = {}
+
+    def intermediates(self) -> dict[str, torch.Tensor]:
+        """The checkpoints of the last prefill/decode call (layer contract), in the layer's dtype."""
+        return dict(self._intermediates)
 
     def _rounded(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
@@ -79,6 +102,7 @@ class FastMLALayer:
         kv = x @ self.w["wkv_a"].T
         latent = self._rounded(rms_norm(kv[..., :dc], self.kv_norm, c.rms_norm_eps))
         k_pe = self._rounded(apply_rope(kv[..., dc:], cos, sin, c.rope_layout))
+        self._intermediates = {"q": q, "latent": latent, "k_pe_raw": kv[..., dc:], "q_pe": q_pe, "k_pe": k_pe}
         return q[..., :dn], q_pe, torch.cat((latent, k_pe), dim=-1)
 
     def _append(self, rows: torch.Tensor) -> None:
@@ -112,8 +136,9 @@ class FastMLALayer:
         v = torch.einsum("bsc,hdc->bshd", latent, self.w_uv)
         q = torch.cat((q_nope, q_pe), dim=-1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=c.softmax_scale)  # [b, h, s, d_v]
-        return out.transpose(1, 2).flatten(2) @ self.w["wo"].T
+                                             is_causal=True, scale=c.softmax_scale).transpose(1, 2)  # [b, s, h, d_v]
+        self._intermediates["o"] = out
+        return out.flatten(2) @ self.w["wo"].T
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,12 +154,17 @@ class FastMLALayer:
         out_latent, _ = self.kernel(q_absorbed.contiguous(), self.cache, self.block_table, lengths, c.kv_lora_rank,
                                     c.softmax_scale, causal=True)
         out_heads = torch.einsum("bshc,hdc->bshd", out_latent, self.w_uv)
+        self._intermediates["o"] = out_heads
         return out_heads.flatten(2) @ self.w["wo"].T
 
 
 def fast_layer(config: MLAConfig, weights: MLAWeights, dtype: torch.dtype, device: str = "cpu") -> FastMLALayer:
     """Layer-contract factory: the Triton decode kernel on CUDA, the PyTorch one elsewhere."""
     return FastMLALayer(config, weights, dtype, device)
+
+
+fast_layer.capabilities = LayerCapabilities(devices=("cpu", "cuda"), both_paths=True,
+                                            note="the Triton decode kernel on CUDA, the PyTorch one elsewhere")
 
 
 def fast_layer_torch_decode(config: MLAConfig, weights: MLAWeights, dtype: torch.dtype,
@@ -144,3 +174,7 @@ def fast_layer_torch_decode(config: MLAConfig, weights: MLAWeights, dtype: torch
     from mla_verify.impls.torch_decode import torch_paged_decode
 
     return FastMLALayer(config, weights, dtype, device, decode_kernel=torch_paged_decode, page_size=16)
+
+
+fast_layer_torch_decode.capabilities = LayerCapabilities(devices=("cpu", "cuda"), both_paths=True,
+                                                         note="the PyTorch decode kernel, 16-token pages")
