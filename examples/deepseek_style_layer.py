@@ -25,8 +25,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from mla_verify.layer import InternalPrecision, LayerCapabilities, capture_submodules  # Part 2 only
 
 # ==============================================================================================
 # Part 1: the layer, as a model port would write it
@@ -98,6 +99,17 @@ def rotate(x: torch.Tensor, rotations: torch.Tensor, interleaved: bool) -> torch
     return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
 
 
+class Rotary(nn.Module):
+    """Applies `rotate` (a module only so that forward hooks can see the rotated tensors)."""
+
+    def __init__(self, interleaved: bool) -> None:
+        super().__init__()
+        self.interleaved = interleaved
+
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        return rotate(x, rotations, self.interleaved)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) · weight, computed in float32 at least, rounded to x's dtype."""
 
@@ -146,6 +158,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(dc, args.norm_eps, **kw)
         self.wkv_b = nn.Linear(dc, h * (dn + dv), bias=False, **kw)
         self.wo = nn.Linear(h * dv, args.dim, bias=False, **kw)
+        self.q_rope, self.k_rope = Rotary(args.rope_interleaved), Rotary(args.rope_interleaved)
         self.softmax_scale = (dn + dr) ** -0.5 * yarn_temperature(args.rope_factor, args.mscale_all_dim) ** 2
         self.allocate(args.max_batch_size, args.max_seq_len)
 
@@ -176,11 +189,11 @@ class MLA(nn.Module):
         # query [b, s, h, d_n + d_r]
         q = self.wq(x) if self.args.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(b, s, h, dn + dr).split([dn, dr], dim=-1)
-        q_pe = rotate(q_pe, rotations[:, None], self.args.rope_interleaved)
+        q_pe = self.q_rope(q_pe, rotations[:, None])
         # latent and the shared rope key, into the cache before attention
         latent, k_pe = self.wkv_a(x).split([dc, dr], dim=-1)
         self.kv_cache[:b, start_pos:end] = self.kv_norm(latent)
-        self.pe_cache[:b, start_pos:end] = rotate(k_pe, rotations, self.args.rope_interleaved)
+        self.pe_cache[:b, start_pos:end] = self.k_rope(k_pe, rotations)
         kv, pe = self.kv_cache[:b, :end], self.pe_cache[:b, :end]
         # query i (position start_pos + i) sees keys at positions ≤ start_pos + i
         hidden = torch.arange(end, device=x.device)[None, :] > torch.arange(start_pos, end, device=x.device)[:, None]
@@ -251,7 +264,7 @@ def hf_state_dict(weights) -> dict:
 
 # The intermediates the stage checks compare (optional): (submodule, "input" | "output") per key.
 TAPS_Q_LORA = {"q": ("wq_b", "output"), "latent": ("kv_norm", "output"), "k_pe_raw": ("wkv_a", "output"),
-               "o": ("wo", "input")}
+               "q_pe": ("q_rope", "output"), "k_pe": ("k_rope", "output"), "o": ("wo", "input")}
 TAPS_NO_Q_LORA = {**TAPS_Q_LORA, "q": ("wq", "output")}
 
 
@@ -293,19 +306,16 @@ class ContractLayer:
 def build(config, weights, dtype: torch.dtype, device: str = "cpu", prefill: str = "naive",
           decode: str = "absorb", module_class: type = MLA) -> ContractLayer:
     """The module for `config` in `dtype` on `device`, with `weights` loaded, wrapped in the contract."""
-    from mla_verify.layer_contract import InternalPrecision
-
     module = module_class(args_from_config(config), prefill=prefill, decode=decode, dtype=dtype, device=device)
     load_weights(module, weights)
-    # Every step rounds its result to the module's dtype (RMSNorm, RoPE and the softmax are computed in
-    # float32 first and then rounded; projections, scores and P·V run in the dtype).
-    precision = InternalPrecision.uniform(dtype, note=f"{prefill} prefill, {decode} decode")
+    # Plain torch ops in the module's dtype: every result stored in it, sums in float32 for bf16/fp16,
+    # the angles and the softmax in float32 (float64 in a float64 module); this module also computes
+    # RMSNorm and the rotation in float32 before rounding their results, so it says so.
+    wide = torch.promote_types(dtype, torch.float32)
+    precision = InternalPrecision.for_module(dtype, note=f"{prefill} prefill, {decode} decode", rms_norm=wide,
+                                             rope_rotation=wide)
     layer = ContractLayer(module, dtype, precision)
-    try:
-        from mla_verify.layer import capture_submodules
-    except ImportError:  # an mla_verify without stage checks: the output is still judged end to end
-        return layer
-    layer.taps = capture_submodules(module, TAPS_NO_Q_LORA if config.q_lora_rank is None else TAPS_Q_LORA)
+    layer.taps = capture_submodules(module, TAPS_NO_Q_LORA if config.q_lora_rank is None else TAPS_Q_LORA, config)
     return layer
 
 
@@ -322,3 +332,9 @@ def factory_naive(config, weights, dtype: torch.dtype, device: str = "cpu") -> C
 def factory_absorbed(config, weights, dtype: torch.dtype, device: str = "cpu") -> ContractLayer:
     """The absorbed path throughout."""
     return build(config, weights, dtype, device, prefill="absorb", decode="absorb")
+
+
+# What each factory claims (optional; without it: float64, float32, bf16 and fp16 on the CPU, both paths).
+factory.capabilities = LayerCapabilities(devices=("cpu", "cuda"))
+# one path throughout: prefill and decode are the same computation
+factory_naive.capabilities = factory_absorbed.capabilities = factory.capabilities.replace(both_paths=False)

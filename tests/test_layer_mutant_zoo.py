@@ -1,12 +1,15 @@
 """The layer mutant zoo: every bug-injected layer in tests/layer_zoo must be caught by the layer
-checks, in float32 and in bfloat16, with one of the failure kinds it declares, on drawn cases.
+property matches_reference (stage checks and end to end), in float32 and in bfloat16, with one of
+the failure kinds it declares, on drawn cases.
 
 Each mutant is searched with Hypothesis (derandomised, no example database, no shrinking: the
-search stops at the first failing case) over drawn layer cases of one dtype; a mutant whose bug
-needs a feature of the config (YaRN's temperature, d_r ≥ 4, d_n ≠ d_v, h ≥ 2) is searched over the
-drawn configs that have it, and must pass on drawn configs without it. The correct example layer
-(its three factories: naive prefill with absorbed decode, naive throughout, absorbed throughout)
-and the zoo's template must pass the same search in both dtypes: a zoo without a passing control
+search stops at the first failing case) over drawn layer cases of one dtype
+(`mla_verify.layer.layer_cases`: drawn configs and shrunk presets, page-edge prefills, decode
+steps, weight and activation scales); a mutant whose bug needs a feature of the config (YaRN's
+temperature, d_r ≥ 4, d_n ≠ d_v, h ≥ 2) is searched over the drawn configs that have it, and must
+pass on drawn configs without it. The correct example layer (its three factories: naive prefill
+with absorbed decode, naive throughout, absorbed throughout), the zoo's template and the fast layer
+must pass every layer property on the same search in both dtypes: a zoo without a passing control
 proves nothing. A catch table (mutant × dtype → kind, examples to the first failure, seconds) is
 printed at the end of the module.
 """
@@ -21,8 +24,8 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from mla_verify.layer_contract import LayerCase, LayerFailure, check_layer
-from mla_verify.strategies import mla_configs
+from mla_verify.impls.fast_layer import fast_layer_torch_decode
+from mla_verify.layer import LAYER_FAILURE_KINDS, LAYER_PROPERTIES, LayerCase, LayerFailure, layer_cases
 
 import layer_zoo
 
@@ -30,35 +33,13 @@ DTYPES = ("float32", "bfloat16")
 SEARCH_EXAMPLES = 25  # cases drawn per mutant and dtype before giving up
 CONTROL_EXAMPLES = 15  # cases each control must pass per dtype
 BENIGN_EXAMPLES = 5  # cases without the needed feature on which a mutant must pass
-
-try:  # the stage checks, failure kinds and low-precision bounds of the layer package
-    from mla_verify.layer import LAYER_FAILURE_KINDS, LAYER_PROPERTIES
-except ImportError:
-    LAYER_FAILURE_KINDS, LAYER_PROPERTIES = None, None
+CONTROLS = {**layer_zoo.CONTROLS, "fast layer (torch decode, 16-token pages)": fast_layer_torch_decode}
 
 
-def _check(factory, case: LayerCase) -> None:
-    """The layer's check against the float64 reference (raises LayerFailure)."""
-    if LAYER_PROPERTIES is not None:
-        LAYER_PROPERTIES["matches_reference"](factory, case, "cpu")
-    else:
-        check_layer(factory, case)
-
-
-def _kind(error: BaseException) -> str:
-    if isinstance(error, LayerFailure):
-        return getattr(error, "kind", None) or "end to end"
-    return "exception"
-
-
-@st.composite
-def _cases(draw: st.DrawFn, dtype: str) -> LayerCase:
-    """Tiny drawn configs (q-LoRA on/off, both RoPE layouts, YaRN on/off, up to 3 heads, widths up to
-    8), a prefill of 1–6 tokens and one to three decode steps of 1–3 tokens, on 1–2 sequences."""
-    return LayerCase(config=draw(mla_configs(max_heads=3, max_width=8), label="config"),
-                     batch=draw(st.integers(1, 2), label="batch"), prefill=draw(st.integers(1, 6), label="prefill"),
-                     decode=tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3), label="decode")),
-                     seed=draw(st.integers(0, 2**31 - 1), label="seed"), dtype=dtype)
+def _cases(dtype: str) -> st.SearchStrategy[LayerCase]:
+    """Tiny layers (up to 3 heads, widths up to 8), prefills up to 20 tokens (page edges 15, 16, 17
+    drawn often), up to three decode calls of 1–3 tokens."""
+    return layer_cases(dtypes=(dtype,), max_heads=3, max_width=8, max_length=20, max_decode_steps=3)
 
 
 @dataclasses.dataclass
@@ -70,12 +51,19 @@ class Search:
 
     @property
     def kind(self) -> str | None:
-        return None if self.error is None else _kind(self.error)
+        if self.error is None:
+            return None
+        return self.error.kind if isinstance(self.error, LayerFailure) else f"raised {type(self.error).__name__}"
+
+    @property
+    def stage(self) -> str | None:
+        return getattr(self.error, "stage", None)
 
 
-def search(factory, dtype: str, max_examples: int, needs=None, with_feature: bool = True) -> Search:
-    """Check drawn cases of `dtype` until one fails (no shrinking); with `needs`, only configs that
-    have (with_feature) or lack the feature."""
+def search(factory, dtype: str, max_examples: int, needs=None, with_feature: bool = True,
+           properties: tuple[str, ...] = ("matches_reference",)) -> Search:
+    """Check drawn cases of `dtype` by `properties` until one fails (no shrinking); with `needs`,
+    only configs that have (with_feature) or lack the feature."""
     checked, first = [0], []
 
     @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
@@ -88,7 +76,8 @@ def search(factory, dtype: str, max_examples: int, needs=None, with_feature: boo
             raise first[0][0]
         checked[0] += 1
         try:
-            _check(factory, case)
+            for name in properties:
+                LAYER_PROPERTIES[name](factory, case, "cpu")
         except Exception as error:
             first.append((error, case))
             raise
@@ -116,35 +105,25 @@ def one_thread(request):
     _print_table(request.config)
 
 
-def _needs_bounds(dtype: str) -> None:
-    if dtype != "float32" and LAYER_FAILURE_KINDS is None:
-        pytest.skip("the uniform-precision layer bound is too loose below float32; the stage bounds of "
-                    "mla_verify.layer judge it")
-
-
 def test_zoo_is_documented():
     assert len(layer_zoo.ZOO) >= 13
     assert len({mutant.name for mutant in layer_zoo.ZOO}) == len(layer_zoo.ZOO)
     for mutant in layer_zoo.ZOO:
         assert mutant.factory.__doc__ and len(mutant.factory.__doc__.split()) > 15, f"{mutant.name}: no docstring"
-        assert mutant.kinds
-        if LAYER_FAILURE_KINDS is not None:
-            assert mutant.kinds <= set(LAYER_FAILURE_KINDS), f"{mutant.name}: {sorted(mutant.kinds)}"
+        assert mutant.kinds and mutant.kinds <= set(LAYER_FAILURE_KINDS), f"{mutant.name}: {sorted(mutant.kinds)}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mutant", layer_zoo.ZOO, ids=lambda mutant: mutant.name)
 def test_mutant_is_caught(mutant, dtype):
-    _needs_bounds(dtype)
     found = search(mutant.factory, dtype, SEARCH_EXAMPLES, mutant.needs)
     _searches[(mutant.name, dtype)] = found
     assert found.error is not None, f"{mutant.name} was NOT caught in {found.examples} drawn {dtype} cases"
     message = str(found.error).splitlines()[0]
-    if LAYER_FAILURE_KINDS is not None:
-        assert found.kind in mutant.kinds, (
-            f"{mutant.name} caught as {found.kind!r}, expected one of {sorted(mutant.kinds)}: {message}")
-    else:  # until the layer checks name failure kinds: a layer failure, or the layer's own exception
-        assert "exception" in mutant.kinds or isinstance(found.error, LayerFailure), message
+    assert found.kind in mutant.kinds, (
+        f"{mutant.name} caught as {found.kind!r}, expected one of {sorted(mutant.kinds)}: {message}")
+    if mutant.stage is not None:
+        assert mutant.stage in (found.stage or ""), f"{mutant.name}: stage {found.stage!r} lacks {mutant.stage!r}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -152,7 +131,6 @@ def test_mutant_is_caught(mutant, dtype):
 def test_mutant_passes_where_its_bug_does_not_reach(mutant, dtype):
     """On drawn configs without the feature its bug needs, the mutant computes the right layer: the
     catch above is the bug, found on cases that have the feature."""
-    _needs_bounds(dtype)
     found = search(mutant.factory, dtype, BENIGN_EXAMPLES, mutant.needs, with_feature=False)
     assert found.error is None, f"{mutant.name} fails without {mutant.needs.__name__}: {found.error}"
 
@@ -162,19 +140,17 @@ def test_wrong_split_is_silently_wrong_when_nope_is_wider_than_v(dtype):
     """The W_UK/W_UV split at d_v raises when d_n < d_v (the slice is short), but with d_n > d_v it
     computes a layer of the right shape with part of W_UK used as W_UV: that must be caught by the
     numbers, not by an exception."""
-    _needs_bounds(dtype)
     mutant = next(m for m in layer_zoo.ZOO if m.factory.__name__ == "SplitAtVHeadDim")
     found = search(mutant.factory, dtype, SEARCH_EXAMPLES, lambda c: c.qk_nope_head_dim > c.v_head_dim)
     _searches[(f"{mutant.name} (d_n > d_v)", dtype)] = found
     assert found.error is not None, f"not caught in {found.examples} drawn {dtype} cases with d_n > d_v"
-    assert isinstance(found.error, LayerFailure) and found.kind != "exception", found.error
+    assert found.kind == "attention", found.error
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("control", sorted(layer_zoo.CONTROLS))
+@pytest.mark.parametrize("control", sorted(CONTROLS))
 def test_control_passes(control, dtype):
-    _needs_bounds(dtype)
-    found = search(layer_zoo.CONTROLS[control], dtype, CONTROL_EXAMPLES)
+    found = search(CONTROLS[control], dtype, CONTROL_EXAMPLES, properties=tuple(LAYER_PROPERTIES))
     _searches[(control, dtype)] = found
     assert found.error is None, f"control {control} fails on {found.case.describe()}: {found.error}"
     assert found.examples >= CONTROL_EXAMPLES
@@ -187,11 +163,11 @@ def _print_table(config) -> None:
         return
     lines = ["", f"layer mutant zoo: up to {SEARCH_EXAMPLES} drawn cases per mutant and dtype (controls: "
              f"{CONTROL_EXAMPLES}), derandomised",
-             f"{'layer':52} {'dtype':9} {'caught as':18} {'examples':>8} {'seconds':>7}  case"]
+             f"{'layer':46} {'dtype':9} {'caught as (stage)':36} {'examples':>8} {'seconds':>7}  case"]
     for (name, dtype), found in _searches.items():
-        kind = found.kind or "passed"
+        kind = (found.kind or "passed") + (f" ({found.stage})" if found.stage and found.stage != found.kind else "")
         case = found.case.describe() if found.case is not None else ""
-        lines.append(f"{name[:52]:52} {dtype:9} {kind:18} {found.examples:>8} {found.seconds:7.2f}  {case}")
+        lines.append(f"{name[:46]:46} {dtype:9} {kind:36} {found.examples:>8} {found.seconds:7.2f}  {case}")
     if capture is not None:
         with capture.global_and_fixture_disabled():
             for line in lines:

@@ -1,33 +1,26 @@
 """A user's own layer certifies: examples/deepseek_style_layer.py, a plain torch.nn.Module written
 the way DeepSeek-V3's inference/model.py holds its weights, through its adapter factories (naive
 prefill with absorbed decode, naive throughout, absorbed throughout), in float32 and bfloat16,
-through the layer API on drawn cases and through the command line as README's "Certify your own
-layer" shows.
+through the layer properties on drawn cases and through the command line as README's "Certify
+your own layer" shows.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from mla_verify.adapters.hf import hf_weights
-from mla_verify.config import MLAConfig, YarnConfig
-from mla_verify.layer_contract import LayerCase, check_layer
+from mla_verify.config import MLAConfig, YarnConfig, mla_preset
+from mla_verify.layer import (INTERMEDIATES, LAYER_PROPERTIES, LayerCase, layer_capabilities_of, layer_cases)
 from mla_verify.reference import random_weights
-from mla_verify.strategies import mla_configs
 
 from layer_zoo.common import EXAMPLE, EXAMPLE_PATH
-
-try:
-    from mla_verify.layer import LAYER_PROPERTIES
-except ImportError:
-    LAYER_PROPERTIES = None
 
 FACTORIES = {"factory": EXAMPLE.factory, "factory_naive": EXAMPLE.factory_naive,
              "factory_absorbed": EXAMPLE.factory_absorbed}
@@ -37,36 +30,26 @@ CONFIG = MLAConfig("small", hidden_size=16, num_heads=3, q_lora_rank=6, kv_lora_
                    yarn=YarnConfig(factor=40.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=0.707))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on two shared cores, intra-op threads make these small cases ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _certify(factory, case: LayerCase) -> None:
     """Every layer property (raises LayerFailure)."""
-    if LAYER_PROPERTIES is None:
-        check_layer(factory, case)
-        return
     for prop in LAYER_PROPERTIES.values():
         prop(factory, case, "cpu")
-
-
-def _needs_bounds(dtype: str) -> None:
-    if dtype != "float32" and LAYER_PROPERTIES is None:
-        pytest.skip("the uniform-precision layer bound is too loose below float32; the stage bounds of "
-                    "mla_verify.layer judge it")
-
-
-@st.composite
-def _cases(draw: st.DrawFn, dtype: str) -> LayerCase:
-    return LayerCase(config=draw(mla_configs(max_heads=4, max_width=12), label="config"),
-                     batch=draw(st.integers(1, 2), label="batch"), prefill=draw(st.integers(1, 20), label="prefill"),
-                     decode=tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=4), label="decode")),
-                     seed=draw(st.integers(0, 2**31 - 1), label="seed"), dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_example_layer_certifies_on_drawn_cases(name, dtype):
-    _needs_bounds(dtype)
-
     @settings(max_examples=20, deadline=None, derandomize=True, database=None)
-    @given(case=_cases(dtype))
+    @given(case=layer_cases(dtypes=(dtype,), max_heads=4, max_width=12, max_length=20))
     def certified(case: LayerCase) -> None:
         _certify(FACTORIES[name], case)
 
@@ -76,16 +59,13 @@ def test_example_layer_certifies_on_drawn_cases(name, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_example_layer_certifies_at_a_preset_shape(dtype):
     """DeepSeek-V3's per-head widths (d_n 128, d_r 64, d_v 128, d_c 512, YaRN factor 40) on two heads."""
-    _needs_bounds(dtype)
-    from mla_verify.config import mla_preset
-
     config = mla_preset("DeepSeek-V3").replace(hidden_size=256, num_heads=2, q_lora_rank=96)
     _certify(EXAMPLE.factory, LayerCase(config, batch=1, prefill=9, decode=(1, 2), seed=7, dtype=dtype))
 
 
 def test_factory_loads_the_documented_layout():
     """Every parameter of the module is the float64 weight of the documented layout rounded to the
-    module's dtype; intermediates are exposed after each call."""
+    module's dtype; every intermediate of the contract is exposed, for the tokens of the last call."""
     for q_lora_rank in (6, None):
         config = CONFIG.replace(q_lora_rank=q_lora_rank)
         weights = random_weights(config, torch.Generator().manual_seed(0))
@@ -95,9 +75,16 @@ def test_factory_loads_the_documented_layout():
             assert parameter.dtype == torch.bfloat16
             assert torch.equal(parameter, source.to(torch.bfloat16)), name
         layer.prefill(torch.randn(2, 5, config.hidden_size, dtype=torch.bfloat16))
-        if layer.taps is not None:
-            seen = layer.intermediates()
-            assert set(seen) == set(EXAMPLE.TAPS_Q_LORA), sorted(seen)
+        layer.decode(torch.randn(2, 2, config.hidden_size, dtype=torch.bfloat16))
+        seen = layer.intermediates()
+        assert set(seen) == set(INTERMEDIATES), sorted(seen)
+        assert all(tensor.shape[:2] == (2, 2) and tensor.dtype == torch.bfloat16 for tensor in seen.values())
+
+
+def test_factories_declare_which_paths_they_run():
+    assert layer_capabilities_of(EXAMPLE.factory).both_paths
+    assert not layer_capabilities_of(EXAMPLE.factory_naive).both_paths
+    assert not layer_capabilities_of(EXAMPLE.factory_absorbed).both_paths
 
 
 def test_factory_names_a_missing_weight():
@@ -131,3 +118,18 @@ def test_cache_grows_past_its_first_allocation():
     case = LayerCase(CONFIG.replace(hidden_size=8, num_heads=1), batch=1, prefill=250, decode=(3, 5), seed=2,
                      dtype="float32")
     _certify(EXAMPLE.factory, case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_example_layer_certifies_through_the_command_line(dtype, tmp_path):
+    """README's command, one dtype at a time: exit 0 and a passing certificate naming the precision class."""
+    certificate = tmp_path / "cert.json"
+    run = subprocess.run([sys.executable, "-m", "mla_verify.cli", "certify", f"{EXAMPLE_PATH}:factory",
+                          "--dtype", dtype, "--max-examples", "10", "--json", str(certificate), "--counterexamples",
+                          str(tmp_path / "counterexamples"), "--quiet"], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(certificate.read_text())
+    assert result["verdict"] == "pass", result["headline"]
+    assert result["implementation"]["kind"] == "layer"
+    assert result["implementation"]["precision_classes"] == {dtype: dtype}, result["implementation"]

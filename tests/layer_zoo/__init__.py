@@ -5,7 +5,9 @@ every one, in float32 and in bfloat16, with the expected failure kind, on drawn 
 Most mutants are the example DeepSeek-style module (examples/deepseek_style_layer.py), written
 out in steps by `common.TemplateMLA`, with one step broken on the line marked BUG; two live in
 the paged decode path of the project's fast layer. Each declares the failure kinds that count as
-caught (the stage where the bug first shows, given the intermediates the layer exposes) and, when
+caught (the stage where the bug first shows, given the intermediates the layer exposes: a
+checkpoint the buggy layer stops producing merges its stage with the next, and the failure is
+named after the last stage of the merge, so it also declares a stage the merge must include) and, when
 the bug needs a feature of the config to show (YaRN for the temperature, d_n ≠ d_v for the
 W_UK/W_UV split), that feature: on drawn configs with it the mutant must be caught, on drawn
 configs without it the mutant must pass (evidence that it is a targeted bug, not a broken layer).
@@ -45,12 +47,14 @@ def several_heads_and_features(config: MLAConfig) -> bool:
 
 @dataclass(frozen=True)
 class LayerMutant:
-    """A bug-injected layer factory, the failure kinds that count as catching it, and the config
-    feature its bug needs to show (None: every config)."""
+    """A bug-injected layer factory, the failure kinds that count as catching it, a stage the
+    failing check must include (None: any), and the config feature its bug needs to show (None:
+    every config)."""
 
     factory: Callable
     kinds: frozenset[str]
     needs: Callable[[MLAConfig], bool] | None = None
+    stage: str | None = None
     name: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -58,30 +62,31 @@ class LayerMutant:
             object.__setattr__(self, "name", self.factory.__name__)
 
 
-def _mutant(module_class: type, *kinds: str, needs=None) -> LayerMutant:
-    return LayerMutant(contract_factory(module_class), frozenset(kinds), needs)
+def _mutant(module_class: type, *kinds: str, needs=None, stage=None) -> LayerMutant:
+    return LayerMutant(contract_factory(module_class), frozenset(kinds), needs, stage)
 
 
-# The example exposes q (wq_b / wq output), the latent (kv_norm output), the raw rope key (wkv_a
-# output) and o (wo input); RoPE is applied inside forward, so its checkpoint is merged with the
-# attention stage, and a RoPE bug is seen there.
-ATTENTION = ("attention", "rope")
+# The example exposes every checkpoint: q (wq_b / wq output), the latent (kv_norm output), the raw
+# rope key (wkv_a output), q_pe and k_pe (its two Rotary modules' outputs) and o (wo's input).
 ZOO: tuple[LayerMutant, ...] = (
     _mutant(scale.YarnMscaleMissing, "attention", needs=yarn_temperature_applies),
     _mutant(scale.YarnMscaleDoubled, "attention", needs=yarn_temperature_applies),
     _mutant(scale.ScaleFromNopeDim, "attention"),
-    _mutant(rope.RopeOnQNotK, *ATTENTION),
-    _mutant(rope.RopeTwiceOnCachedK, *ATTENTION),
-    _mutant(rope.RopeLayoutMixed, *ATTENTION, needs=several_rope_pairs),
-    _mutant(rope.DecodePositionOffByOne, *ATTENTION),
+    # k_rope is never called: no k_pe checkpoint, so RoPE is judged together with attention
+    _mutant(rope.RopeOnQNotK, "attention", stage="rope"),
+    # the cached keys are rotated correctly (k_pe passes) and rotated again when attention reads them
+    _mutant(rope.RopeTwiceOnCachedK, "attention"),
+    _mutant(rope.RopeLayoutMixed, "rope", needs=several_rope_pairs),
+    _mutant(rope.DecodePositionOffByOne, "rope"),
+    # d_n > d_v: wrong values; d_n < d_v: the short W_UV slice makes wo raise
     _mutant(weights.SplitAtVHeadDim, "attention", "exception", needs=nope_and_v_widths_differ),
-    _mutant(cache.KvNormSkippedInDecode, "latent path"),
+    # kv_norm is not called in decode: no latent checkpoint there, so the latent path is judged with attention
+    _mutant(cache.KvNormSkippedInDecode, "attention", stage="latent path"),
     _mutant(cache.AppendedAfterAttention, "attention"),
     # o is taken at W_O's input, after the wrong flatten: the attention stage's output is wrong
-    _mutant(weights.HeadsPermutedBeforeWo, "attention", "output projection", needs=several_heads_and_features),
-    # the fast layer exposes no intermediates: only its output is judged
-    LayerMutant(fast.fast_appended_after_attention, frozenset({"end to end"})),
-    LayerMutant(fast.fast_decode_position_off_by_one, frozenset({"end to end"})),
+    _mutant(weights.HeadsPermutedBeforeWo, "attention", needs=several_heads_and_features),
+    LayerMutant(fast.fast_appended_after_attention, frozenset({"attention"})),
+    LayerMutant(fast.fast_decode_position_off_by_one, frozenset({"rope"})),
 )
 
 # Correct layers that must pass: the example's three factories and the zoo's template.

@@ -48,10 +48,10 @@ class TemplateMLA(EXAMPLE.MLA):
         return self.rotations[start_pos:end]
 
     def rope_q(self, q_pe: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-        return rotate(q_pe, rotations[:, None], self.args.rope_interleaved)
+        return self.q_rope(q_pe, rotations[:, None])
 
     def rope_k(self, k_pe: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-        return rotate(k_pe, rotations, self.args.rope_interleaved)
+        return self.k_rope(k_pe, rotations)
 
     def query(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q_nope [b, s, h, d_n], rotated q_pe [b, s, h, d_r]."""

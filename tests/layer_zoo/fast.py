@@ -1,5 +1,6 @@
-"""Bugs in the paged decode path of the project's fast layer (mla_verify.impls.fast_layer): the
-kernel called before the new rows are written, and the decode position shifted."""
+"""Bugs in the paged decode path of the project's fast layer (mla_verify.impls.fast_layer, with the
+PyTorch decode kernel and 16-token pages): the kernel called before the new rows are written, and
+the decode position shifted."""
 
 from __future__ import annotations
 
@@ -10,29 +11,25 @@ from mla_verify.impls.torch_decode import torch_paged_decode
 
 
 class _Fast(FastMLALayer):
-    def __init__(self, config, weights, dtype, device="cpu"):
-        super().__init__(config, weights, dtype, device, decode_kernel=torch_paged_decode, page_size=16)
+    def __init__(self, config, weights, dtype, device="cpu", decode_kernel=torch_paged_decode):
+        super().__init__(config, weights, dtype, device, decode_kernel=decode_kernel, page_size=16)
+
+
+def _lengths_before_the_append(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False):
+    """The decode kernel as the buggy layer calls it: with the sequence lengths it read before the
+    new tokens' rows were appended."""
+    before = cache_seqlens - q.shape[1]  # BUG: the lengths before the append
+    return torch_paged_decode(q, kv_cache, block_table, before, head_dim_v, softmax_scale, causal)
 
 
 class FastAppendedAfterAttention(_Fast):
-    """The paged decode kernel is called with the cache lengths before the new tokens' rows are
-    appended, and the rows are appended after attention: each decoded token attends to every
-    earlier token but not to itself (and, causally aligned to the old length, a multi-token step
-    loses its last keys)."""
+    """The paged decode kernel attends over the cache as it was before the new tokens' rows were
+    appended (the cache lengths read before the append, the rows written after attention): each
+    decoded token attends to every earlier token but not to itself, and, causally aligned to the
+    old length, a multi-token step loses its own keys and the last earlier ones."""
 
-    @torch.no_grad()
-    def decode(self, x):
-        c = self.config
-        x = self._rounded(x)
-        b, n, _ = x.shape
-        q_nope, q_pe, rows = self._project(x, self.length)
-        q_absorbed = torch.cat((torch.einsum("bshd,hdc->bshc", q_nope, self.w_uk), q_pe), dim=-1)
-        lengths = torch.full((b,), self.length, dtype=torch.int32, device=self.device)  # BUG: before the append
-        out_latent, _ = self.kernel(q_absorbed.contiguous(), self.cache, self.block_table, lengths, c.kv_lora_rank,
-                                    c.softmax_scale, causal=True)
-        self._append(rows)
-        out_heads = torch.einsum("bshc,hdc->bshd", out_latent, self.w_uv)
-        return out_heads.flatten(2) @ self.w["wo"].T
+    def __init__(self, config, weights, dtype, device="cpu"):
+        super().__init__(config, weights, dtype, device, decode_kernel=_lengths_before_the_append)
 
 
 class FastDecodePositionOffByOne(_Fast):

@@ -31,8 +31,9 @@ class RopeLayoutMixed(TemplateMLA):
     for HF's rotate_half on the key projection only. Indistinguishable at d_r = 2 (one pair); needs
     d_r ≥ 4."""
 
-    def rope_q(self, q_pe, rotations):
-        return rotate(q_pe, rotations[:, None], not self.args.rope_interleaved)  # BUG: the other layout
+    def __init__(self, args, **kwargs):
+        super().__init__(args, **kwargs)
+        self.q_rope = EXAMPLE.Rotary(not args.rope_interleaved)  # BUG: the other layout on the query
 
 
 class DecodePositionOffByOne(TemplateMLA):
