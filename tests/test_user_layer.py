@@ -7,7 +7,9 @@ your own layer" shows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -133,3 +135,27 @@ def test_example_layer_certifies_through_the_command_line(dtype, tmp_path):
     assert result["verdict"] == "pass", result["headline"]
     assert result["implementation"]["kind"] == "layer"
     assert result["implementation"]["precision_classes"] == {dtype: dtype}, result["implementation"]
+
+
+def _readme_section() -> str:
+    readme = (EXAMPLE_PATH.parents[1] / "README.md").read_text()
+    start = readme.index("### Certify your own layer")
+    return readme[start:readme.index("\n## ", start)]
+
+
+def test_readme_section_documents_the_whole_contract():
+    """README's "Certify your own layer" names every weight with its shape, every intermediate, and
+    only certify options that exist."""
+    from mla_verify.cli import _parser
+    from mla_verify.reference import MLAWeights
+
+    section = _readme_section()
+    for field in dataclasses.fields(MLAWeights):
+        assert f"| `{field.name}` |" in section, f"the weight table lacks {field.name}"
+    for key in INTERMEDIATES:
+        assert f'"{key}" [b, n' in section, f"the intermediates list lacks {key}"
+    certify = _parser()._subparsers._group_actions[0].choices["certify"]
+    options = {opt for action in certify._actions for opt in action.option_strings}
+    for command in re.findall(r"^\s*mla-verify certify (.*)$", section, flags=re.M):
+        for option in re.findall(r"(--[a-z-]+)", command):
+            assert option in options, f"README's {command!r} uses {option}, which certify does not accept"
