@@ -159,6 +159,8 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(dc, h * (dn + dv), bias=False, **kw)
         self.wo = nn.Linear(h * dv, args.dim, bias=False, **kw)
         self.q_rope, self.k_rope = Rotary(args.rope_interleaved), Rotary(args.rope_interleaved)
+        # YaRN's temperature whenever YaRN is on (as HF and vLLM do; DeepSeek's code only when
+        # max_seq_len exceeds original_seq_len, which a port must not copy with a short max_seq_len)
         self.softmax_scale = (dn + dr) ** -0.5 * yarn_temperature(args.rope_factor, args.mscale_all_dim) ** 2
         self.allocate(args.max_batch_size, args.max_seq_len)
 
