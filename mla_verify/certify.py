@@ -54,7 +54,6 @@ import multiprocessing
 import multiprocessing.connection
 import platform
 import random
-import re
 import subprocess
 import sys
 import time
@@ -83,7 +82,7 @@ from mla_verify.registry import LayerImplementation, module_root
 __all__ = ["PropertyReport", "Certificate", "certify", "run_property", "Coverage", "LayerCoverage", "not_covered",
            "Fault", "CaseFault", "CaseRefused", "Half", "DecodeHalf", "LayerHalf", "half_of", "LayerProperty",
            "layer_properties", "layer_property_named", "layer_capabilities", "layer_case_from_dict",
-           "layer_case_to_dict", "precision_class", "IsolatedRunner", "certificate_markdown", "ALL_DTYPES"]
+           "layer_case_to_dict", "IsolatedRunner", "certificate_markdown", "ALL_DTYPES"]
 
 SCHEMA = "mla-verify-certificate/3"
 MAX_SEARCH_ROUNDS = 8  # a round per newly found failure signature, then one that finds none
@@ -247,13 +246,9 @@ def _case_record(case: DecodeCase, outcome: str, sound: float | None = None, sha
             "page_size": case.page_size, "regime": case.regime, "causal": case.causal}
 
 
-# the page size a layer's paged cache is assumed to use when its case does not say (the fast
-# layer's default; HF's DynamicCache is not paged)
-LAYER_PAGE = 64
-
-
-def _layer_page(case: object) -> int:
-    return int(getattr(case, "page_size", None) or LAYER_PAGE)
+# page sizes whose boundaries a layer case's cache lengths are counted crossing (the fast layer's
+# pages; the layer strategy draws lengths on either side of them)
+LAYER_PAGES = (16, 64)
 
 
 def _cache_lengths(case: object) -> list[int]:
@@ -265,10 +260,10 @@ def _cache_lengths(case: object) -> list[int]:
     return lengths
 
 
-def _crosses_page(case: object) -> bool:
-    """Whether a decode step grows the cache across a page boundary (or the prefill fills more than one page)."""
-    page, lengths = _layer_page(case), _cache_lengths(case)
-    return lengths[0] > page or any((a - 1) // page != (b - 1) // page for a, b in zip(lengths, lengths[1:]))
+def _crosses_page(case: object, page: int) -> bool:
+    """Whether a decode step grows the cache across a boundary of `page`-token pages."""
+    lengths = _cache_lengths(case)
+    return any((a - 1) // page != (b - 1) // page for a, b in zip(lengths, lengths[1:]))
 
 
 def _config_kind(config: object) -> str:
@@ -297,8 +292,8 @@ class LayerCoverage:
     max_length: int = 0
     max_batch: int = 0
     max_decode_calls: int = 0
-    # cases whose cache grows across a page boundary (page_size of the case, else 64)
-    page_crossings: int = 0
+    # cases whose decode steps grow the cache across a page boundary, per page size
+    page_crossings: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
 
     def add(self, case: object) -> None:
@@ -308,8 +303,10 @@ class LayerCoverage:
                                   ("q-LoRA", c.q_lora_rank is not None), ("no q-LoRA", c.q_lora_rank is None),
                                   (f"RoPE {c.rope_layout}", True), ("YaRN", c.yarn is not None),
                                   ("no YaRN", c.yarn is None), ("batch > 1", case.batch > 1),
+                                  ("prefill only", not case.decode),
                                   ("multi-token decode", any(n > 1 for n in case.decode)),
-                                  ("crosses a page", _crosses_page(case))):
+                                  ("weights scaled", getattr(case, "weight_scale", 1.0) != 1.0),
+                                  ("activations scaled", getattr(case, "activation_scale", 1.0) != 1.0)):
             if present:
                 self.counts[category] = self.counts.get(category, 0) + 1
         self.dtypes.add(case.dtype)
@@ -326,7 +323,8 @@ class LayerCoverage:
         self.max_length = max(self.max_length, case.length)
         self.max_batch = max(self.max_batch, case.batch)
         self.max_decode_calls = max(self.max_decode_calls, len(case.decode))
-        self.page_crossings += _crosses_page(case)
+        for page in LAYER_PAGES:
+            self.page_crossings[f"page {page}"] = self.page_crossings.get(f"page {page}", 0) + _crosses_page(case, page)
 
     def to_dict(self) -> dict:
         data = _coverage_dict(self)
@@ -638,45 +636,21 @@ class LayerProperty:
     check: Callable
 
 
-class _LayerNames:
-    """The layer half's names: from mla_verify.layer where it has them, else from
-    mla_verify.layer_contract (its earlier home)."""
-
-    def __getattr__(self, name: str) -> object:
-        import mla_verify.layer_contract as contract
-
-        try:
-            import mla_verify.layer as layer
-        except ImportError:
-            layer = None
-        for module in (layer, contract):
-            if module is not None and hasattr(module, name):
-                return getattr(module, name)
-        raise AttributeError(name)
-
-
-def _layer_module() -> _LayerNames:
-    return _LayerNames()
+# what each layer property checks, in one line (progress and certificates)
+_LAYER_DESCRIPTIONS = {
+    "matches_reference": "every stage the layer exposes within its stage bound, and the output within the "
+                         "end-to-end bounds (sound and sharp) of the float64 reference layer",
+    "absorbed_matches_naive": "decoding token t (absorbed) agrees with one prefill's output at t (naive) within "
+                              "the sum of both paths' bounds at the declared precision",
+}
 
 
 def layer_properties() -> tuple[LayerProperty, ...]:
-    """The layer properties (mla_verify.layer's LAYER_PROPERTIES), each as a LayerProperty."""
-    layer = _layer_module()
-    declared = getattr(layer, "LAYER_PROPERTIES", None)
-    if declared is None:
-        def matches_reference(factory: Callable, case: object, device: str) -> object:
-            return layer.check_layer(factory, case, device=device)
+    """The layer properties (mla_verify.layer.LAYER_PROPERTIES), each as a LayerProperty."""
+    from mla_verify.layer import LAYER_PROPERTIES
 
-        return (LayerProperty("matches_reference", "prefill then decode steps within the bound of the declared "
-                              "precision of the float64 reference layer", matches_reference),)
-    items = declared.items() if isinstance(declared, dict) else ((getattr(p, "name", None), p) for p in declared)
-    properties = []
-    for name, prop in items:
-        check = getattr(prop, "check", prop)
-        description = getattr(prop, "description", None) or (getattr(check, "__doc__", None) or name).strip()
-        properties.append(LayerProperty(name or getattr(check, "__name__", "property"),
-                                        _first_line(description), check))
-    return tuple(properties)
+    return tuple(LayerProperty(name, _LAYER_DESCRIPTIONS.get(name) or _first_line(check.__doc__ or name), check)
+                 for name, check in LAYER_PROPERTIES.items())
 
 
 def layer_property_named(name: str) -> LayerProperty:
@@ -687,26 +661,12 @@ def layer_property_named(name: str) -> LayerProperty:
     raise ValueError(f"property must be one of {[p.name for p in properties]}; got {name!r}")
 
 
-@dataclass(frozen=True)
-class _DefaultLayerCapabilities:
-    """What a layer factory without a declaration is assumed to support (stand-in for
-    mla_verify.layer.LayerCapabilities)."""
-
-    dtypes: tuple = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-    devices: tuple = ("cpu",)
-    max_heads: int | None = None
-    both_paths: bool = True
-    note: str = ""
-
-
 def layer_capabilities(factory: Callable) -> object:
-    """What a layer factory declares (its `capabilities` attribute; mla_verify.layer's defaults else)."""
-    layer = _layer_module()
-    of = getattr(layer, "layer_capabilities_of", None)
-    if of is not None:
-        return of(factory)
-    declared = getattr(factory, "capabilities", None)
-    return declared if declared is not None else _DefaultLayerCapabilities()
+    """What a layer factory declares (mla_verify.layer.layer_capabilities_of: its `capabilities`
+    attribute, else the defaults); TypeError when that attribute is not a LayerCapabilities."""
+    from mla_verify.layer import layer_capabilities_of
+
+    return layer_capabilities_of(factory)
 
 
 def _dtype_names(dtypes: tuple) -> list[str]:
@@ -714,72 +674,14 @@ def _dtype_names(dtypes: tuple) -> list[str]:
 
 
 def layer_case_to_dict(case: object) -> dict:
-    to_dict = getattr(case, "to_dict", None)
-    if to_dict is not None:
-        return to_dict()
-    data = dataclasses.asdict(case)
-    data["decode"] = list(data["decode"])
-    return data
+    return case.to_dict()
 
 
 def layer_case_from_dict(data: object) -> object:
     """The LayerCase a to_dict() wrote; ValueError naming the field when it is damaged."""
-    layer = _layer_module()
-    from_dict = getattr(layer.LayerCase, "from_dict", None)
-    if from_dict is not None:
-        return from_dict(data)
-    from mla_verify.config import MLAConfig, YarnConfig
+    from mla_verify.layer import LayerCase
 
-    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-        raise ValueError("a layer case must be a JSON object with a 'config' object")
-    try:
-        config = dict(data["config"])
-        if config.get("yarn") is not None:
-            config["yarn"] = YarnConfig(**config["yarn"])
-        fields = {**data, "config": MLAConfig(**config), "decode": tuple(data.get("decode", ()))}
-        return layer.LayerCase(**fields)
-    except TypeError as error:
-        raise ValueError(f"layer case fields: {error}") from None
-
-
-@st.composite
-def _standin_layer_cases(draw: st.DrawFn, dtypes: tuple[str, ...], max_heads: int, max_width: int,
-                         max_length: int) -> object:
-    """Layer cases while mla_verify.layer's own strategy is missing: a drawn config, a prefill and
-    one to three decode calls."""
-    from mla_verify.strategies import mla_configs
-
-    layer = _layer_module()
-    prefill = draw(st.integers(1, max(1, max_length // 2)), label="prefill")
-    decode = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3), label="decode"))
-    return layer.LayerCase(config=draw(mla_configs(max_heads=max_heads, max_width=max_width), label="config"),
-                           batch=draw(st.integers(1, 2), label="batch"), prefill=prefill, decode=decode,
-                           seed=draw(st.integers(0, 2**31 - 1), label="seed"),
-                           dtype=draw(st.sampled_from(dtypes), label="dtype"))
-
-
-_STEP_NAMES = {"projections": "projections", "rms_norm": "RMSNorm", "rope": "RoPE", "scores": "scores",
-               "softmax": "softmax", "attention": "P·V"}
-
-
-def precision_class(precision: object, dtype: torch.dtype) -> str:
-    """A short label of what a layer's declared precision delivers with `dtype` inputs: the type
-    name when every step rounds to it ("bfloat16"), "float32-internal" for a float64 module that
-    rounds every step to float32, else the module type with the coarser steps
-    ("float64 with float32 RMSNorm/RoPE/softmax")."""
-    at_least = getattr(precision, "at_least", None)
-    precision = at_least(dtype) if at_least else precision
-    steps = {step: getattr(precision, step) for step in _STEP_NAMES if hasattr(precision, step)}
-    name = dtype_name(dtype)
-    others = {step: t for step, t in steps.items() if t != dtype}
-    if not others:
-        return name
-    if len(set(others.values())) == 1 and len(others) == len(steps):
-        return f"{dtype_name(next(iter(others.values())))}-internal"
-    groups: dict[torch.dtype, list[str]] = {}
-    for step, t in others.items():
-        groups.setdefault(t, []).append(_STEP_NAMES[step])
-    return name + " with " + ", ".join(f"{dtype_name(t)} {'/'.join(names)}" for t, names in groups.items())
+    return LayerCase.from_dict(data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -938,22 +840,25 @@ class LayerHalf(Half):
         declared_heads = getattr(impl.capabilities, "max_heads", None)
         if declared_heads:
             max_heads = min(max_heads, declared_heads)
-        chosen = self.dtypes(impl, dtypes)
-        layer = _layer_module()
-        draw_cases = getattr(layer, "layer_cases", None) or _standin_layer_cases
-        cases = draw_cases(dtypes=chosen, max_heads=max_heads, max_width=limits.max_width,
-                           max_length=limits.max_length)
+        from mla_verify.layer import layer_cases
+
+        cases = layer_cases(dtypes=self.dtypes(impl, dtypes), max_heads=max_heads, max_width=limits.max_width,
+                            max_length=limits.max_length)
         return cases.filter(lambda case: self._supported(impl.factory, case))
 
     def judge(self, impl, prop, case, device):
-        layer = _layer_module()
+        from mla_verify.layer import LayerFailure
+
         fault = refused = None
         report = None
         try:
             with deadline(impl.timeout_s):
                 report = prop.check(impl.factory, case, device)
-        except layer.LayerFailure as failure:
-            fault = _layer_fault(failure)
+        except LayerFailure as failure:
+            if isinstance(failure.__cause__, (Declined, NotImplementedError)):  # the layer refused the case
+                refused = _first_line(f"{type(failure.__cause__).__name__}: {failure.__cause__}")
+            else:
+                fault = _layer_fault(failure)
         except (Declined, NotImplementedError) as error:
             refused = _first_line(f"{type(error).__name__}: {error}")
         except CallTimedOut:
@@ -1018,14 +923,15 @@ class LayerHalf(Half):
                 precision.setdefault(dtype, steps)
         declared = getattr(impl.factory, "precision", None)
         for dtype in chosen:  # dtypes without a passing case: from the factory's declaration, if it has one
-            if dtype not in classes and declared is not None and hasattr(declared, "at_least"):
-                classes[dtype] = precision_class(declared, getattr(torch, dtype))
-                precision.setdefault(dtype, declared.at_least(getattr(torch, dtype)).describe())
-        ordered = {dtype: classes[dtype] for dtype in chosen if dtype in classes}
+            if dtype not in classes and hasattr(declared, "precision_class"):
+                classes[dtype] = declared.precision_class(getattr(torch, dtype))
+                precision.setdefault(dtype, declared.describe())
+        drawn = [dtype for dtype in chosen if any(dtype in report.coverage.dtypes for report in reports)]
+        ordered = {dtype: classes[dtype] for dtype in drawn if dtype in classes}
         label = "; ".join(dict.fromkeys(ordered.values()))
         return {"name": impl.name, "spec": impl.spec, "kind": self.kind, "capabilities": capabilities,
-                "precision": {dtype: precision[dtype] for dtype in chosen if dtype in precision},
-                "precision_class": label or None, "precision_classes": ordered, "dtypes": list(chosen)}
+                "precision": {dtype: precision[dtype] for dtype in drawn if dtype in precision},
+                "precision_class": label or None, "precision_classes": ordered, "dtypes": drawn}
 
     def not_covered(self, impl, device, reports, dtypes, profile):
         caps, gaps = impl.capabilities, []
@@ -1033,6 +939,9 @@ class LayerHalf(Half):
         gaps += [f"dtype {name} (not declared)" for name in ALL_DTYPES if name not in declared]
         if dtypes:
             gaps += [f"dtype {name} (not requested with --dtype)" for name in declared if name not in dtypes]
+        drawn = {dtype for report in reports for dtype in report.coverage.dtypes}
+        gaps += [f"dtype {name} (declared, but no case of it was drawn: raise --max-examples)"
+                 for name in self.dtypes(impl, dtypes) if reports and name not in drawn]
         devices = tuple(getattr(caps, "devices", ("cpu",)))
         if device.split(":")[0] not in devices:
             gaps.append(f"device {device} is not declared ({list(devices)})")
@@ -1045,8 +954,9 @@ class LayerHalf(Half):
             gaps.append(f"configs the layer does not support ({count} drawn configs skipped): {reason}")
         coverage = reports[0].coverage if reports else None
         if isinstance(coverage, LayerCoverage) and coverage.dtypes:
+            crossings = ", ".join(f"{n} across a {page} boundary" for page, n in coverage.page_crossings.items())
             gaps.append(f"drawn: sequences up to {coverage.max_length} tokens, batches up to {coverage.max_batch}, "
-                        f"up to {max(coverage.heads)} heads, {coverage.page_crossings} cases crossing a page")
+                        f"up to {max(coverage.heads)} heads; decode steps {crossings}")
         return gaps
 
 
@@ -1056,18 +966,15 @@ def _layer_fault(failure: BaseException) -> Fault:
     text = str(failure)
     lines = [line for line in text.splitlines() if not line.strip().startswith(("case:", "replay:"))]
     message = " ".join(line.strip() for line in lines if line.strip()) or text
-    kind = getattr(failure, "kind", None)
-    if not kind:
-        kind = ("shape or dtype" if message.startswith("wrong shape or dtype") else
-                "no finite bound" if "no finite bound" in message else "end to end")
+    kind = failure.kind
     stage = getattr(failure, "stage", None)
     ratio = getattr(failure, "ratio", None)
-    if ratio is None:  # an older LayerFailure says it only in words
-        found = re.search(r"/ bound = ([0-9.eE+-]+|inf)", message)
-        ratio = float(found.group(1)) if found else None
     ratio = float(ratio) if isinstance(ratio, (int, float)) else math.inf
-    tier = getattr(failure, "tier", None) or ("sound" if math.isfinite(ratio) else "")
-    return Fault(str(kind), message, ratio, str(stage) if stage and stage != kind else "", tier)
+    tier = getattr(failure, "tier", None) if math.isfinite(ratio) else ""
+    locus = str(stage) if stage and stage != kind else ""
+    if kind == "exception" and not locus and failure.__cause__ is not None:
+        locus = type(failure.__cause__).__name__  # distinct exceptions are distinct failures
+    return Fault(str(kind), message, ratio, locus, tier or "")
 
 
 def _layer_ratios(report: object) -> Ratios:
@@ -1091,9 +998,6 @@ def _layer_ratios(report: object) -> Ratios:
 
 def _layer_details(report: object, impl: LayerImplementation, case: object) -> dict:
     label = getattr(report, "precision_class", None)
-    declared = getattr(impl.factory, "precision", None)
-    if not label and declared is not None and hasattr(declared, "at_least"):
-        label = precision_class(declared, case.torch_dtype)
     stages = getattr(report, "stages", None) or {}
     relative = getattr(report, "relative_error", None)
     return {"precision_class": label or case.dtype, "precision": getattr(report, "precision", None),
@@ -1154,7 +1058,7 @@ class IsolatedRunner:
         # one that touches CUDA on import would leave every forked child a broken context.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["torch", "mla_verify.decode.properties", "mla_verify.registry",
-                                        "mla_verify.layer_contract"])
+                                        "mla_verify.layer"])
         ours, theirs = context.Pipe()
         self._child = context.Process(target=_serve_isolated, args=(theirs, kind, spec, self.timeout_s),
                                       daemon=True)

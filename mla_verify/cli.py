@@ -264,8 +264,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     data = _read_case_file(path)
     recorded_layer = isinstance(data, dict) and data.get("implementation_kind") == "layer"
     spec = args.impl
-    if spec is None and recorded_layer and not args.layer:
-        spec = data.get("implementation")  # a layer's counterexample names its layer
+    if spec is None and recorded_layer and not args.layer and isinstance(data.get("implementation"), str):
+        spec = _recorded(data)  # a layer's counterexample names its layer
     impl = _resolve(spec, layer=args.layer or None,
                     search_path=tuple(data.get("search_path") or ()) if isinstance(data, dict) else ())
     if _is_layer(impl):
@@ -328,6 +328,15 @@ def _check_layer_case(impl, path: Path, data: object, args: argparse.Namespace) 
 _CHILD_PROCESS_KINDS = ("process crashed", "call did not return in time")
 
 
+def _recorded(meta: dict) -> str:
+    """The implementation a counterexample names: its registered name when that still names the
+    same target, else the recorded 'module:attr'."""
+    from mla_verify.registry import registered, registered_layers
+
+    name, spec = meta.get("implementation_name"), meta["implementation"]
+    return name if name and {**registered(), **registered_layers()}.get(name) == spec else spec
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from mla_verify.certify import CaseFault, CaseRefused, half_of
     from mla_verify.counterexample import load_counterexample
@@ -340,8 +349,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     layer = meta.get("implementation_kind") == "layer"
-    impl = _resolve(args.impl or meta["implementation"], layer=layer,
-                    search_path=tuple(meta.get("search_path") or ()))
+    impl = _resolve(args.impl or _recorded(meta), layer=layer, search_path=tuple(meta.get("search_path") or ()))
     if _is_layer(impl) != layer:
         raise UsageError(f"--impl {args.impl}: the counterexample is of a {'layer' if layer else 'decode kernel'}, "
                          f"and '{impl.name}' is not")

@@ -1,4 +1,5 @@
-"""Several implementations certified on the same drawn cases, side by side (`mla-verify compare`).
+"""Several implementations (decode kernels, or layers) certified on the same drawn cases, side by
+side (`mla-verify compare`).
 
 Each implementation is certified with the same seed and profile. Hypothesis draws from each one's
 declared capabilities, so two implementations that declare the same capabilities meet the same
@@ -56,7 +57,8 @@ def comparison_table(certificates: list[dict]) -> str:
 
 
 def comparison_markdown(certificates: list[dict]) -> str:
-    lines = ["# MLA decode comparison", "", f"Same drawn cases: {_settings_line(certificates)}.", "",
+    kind = "layer" if all((c.get("implementation") or {}).get("kind") == "layer" for c in certificates) else "decode"
+    lines = [f"# MLA {kind} comparison", "", f"Same drawn cases: {_settings_line(certificates)}.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in comparison_rows(certificates):
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in _cells(row)) + " |")

@@ -67,7 +67,9 @@ def render_html(certificate: dict) -> str:
     _require_matplotlib()
     name = _implementation_name(certificate)
     headline = _headline(certificate)
-    body = [f"<h1>MLA decode certificate: {_escape(name)} — {_verdict_span(certificate, headline)}</h1>",
+    body = [f"<h1>MLA {_kind_title(certificate)} certificate: {_escape(name)} — "
+            f"{_verdict_span(certificate, headline)}</h1>",
+            _precision_block(certificate),
             _failures_section(certificate),
             _summary_section(certificate),
             _plots_section([certificate], multiple=False),
@@ -81,7 +83,8 @@ def render_comparison_html(certificates: list[dict]) -> str:
     implementation, then the per-case plots with one series per implementation."""
     _require_matplotlib()
     names = [_implementation_name(c) for c in certificates]
-    body = [f"<h1>MLA decode certificates compared: {_escape(', '.join(names))}</h1>",
+    kind = _kind_title(certificates[0]) if certificates else "decode"
+    body = [f"<h1>MLA {kind} certificates compared: {_escape(', '.join(names))}</h1>",
             _comparison_table(certificates),
             f'<p class="legend">{_escape(RATIO_LEGEND)}</p>',
             _plots_section(certificates, multiple=True),
@@ -89,7 +92,7 @@ def render_comparison_html(certificates: list[dict]) -> str:
     for certificate, name in zip(certificates, names):
         body.append(f"<h3>{_escape(name)}</h3>")
         body.append(_provenance_block(certificate))
-    return _page("MLA decode certificates: " + ", ".join(names), body)
+    return _page(f"MLA {kind} certificates: " + ", ".join(names), body)
 
 
 def write_html(text: str, path: str | Path) -> None:
@@ -111,6 +114,28 @@ def _number(value: object) -> float | None:
         except ValueError:
             return None
     return None
+
+
+def _is_layer(certificate: dict) -> bool:
+    return (certificate.get("implementation") or {}).get("kind") == "layer"
+
+
+def _kind_title(certificate: dict) -> str:
+    return "layer" if _is_layer(certificate) else "decode"
+
+
+def _precision_block(certificate: dict) -> str:
+    """A layer's precision class and the dtypes certified (nothing for a decode kernel)."""
+    if not _is_layer(certificate):
+        return ""
+    implementation = certificate.get("implementation") or {}
+    rows = [[_escape(dtype), _escape(label), _escape((implementation.get("precision") or {}).get(dtype, "–"))]
+            for dtype, label in (implementation.get("precision_classes") or {}).items()]
+    lines = [f"<p>Precision class: <strong>{_escape(implementation.get('precision_class') or 'unknown')}</strong>; "
+             f"dtypes certified: {_escape(', '.join(implementation.get('dtypes') or []) or 'none')}.</p>"]
+    if rows:
+        lines.append(_table(["dtype", "precision class", "declared step types"], rows))
+    return "\n".join(lines)
 
 
 def _implementation_name(certificate: dict) -> str:
@@ -164,13 +189,17 @@ def _verdict_class(verdict: object) -> str:
 
 
 def _describe_case(case: dict | None, description: object = None) -> str:
-    """A one-line case description: the certificate's own if written, else DecodeCase's, else a
-    compact key=value listing (for case dicts from another version of DecodeCase)."""
+    """A one-line case description: the certificate's own if written, else DecodeCase's or
+    LayerCase's, else a compact key=value listing (for case dicts from another version)."""
     if description:
         return str(description)
     if not case:
         return "no case recorded"
     try:
+        if isinstance(case, dict) and "config" in case:
+            from mla_verify.layer import LayerCase
+
+            return LayerCase.from_dict(case).describe()
         return DecodeCase.from_dict(case).describe()
     except Exception:  # noqa: BLE001 - any mismatch with this DecodeCase means: describe it generically
         return _compact(case)
@@ -287,7 +316,8 @@ def _property_details(prop: dict) -> list[str]:
             # the certifier writes "out at [b, s_q, h, c] = [...]: error …, tolerance …"
             parts.append(f"<code>{_escape(where)}</code>")
         if case:
-            parts.append(f"case <code>{_escape(_describe_case(case))}</code>")
+            described = (prop.get("worst_description") or {}).get(tier)
+            parts.append(f"case <code>{_escape(_describe_case(case, described))}</code>")
         items.append(f"<li>{name}, worst passing case ({tier}): {'; '.join(parts)}</li>")
     for reason, count in (prop.get("declined_reasons") or {}).items():
         items.append(f"<li>{name} declined {_escape(count)} × {_escape(reason)}</li>")
@@ -429,7 +459,8 @@ def _plots_section(certificates: list[dict], multiple: bool) -> str:
               _ratio_scatter_plot(records, implementations, "ratio-vs-length", "context length (max_length)",
                                   lambda r: r.max_length, "symlog"),
               _ratio_scatter_plot(records, implementations, "ratio-vs-heads", "heads", lambda r: r.heads, "log"),
-              _coverage_map_plot(records, implementations, multiple)]
+              _coverage_map_plot(records, implementations, multiple,
+                                 "config" if all(_is_layer(c) for c in with_records) else "regime")]
     return "\n".join(parts)
 
 
@@ -513,9 +544,11 @@ def _ratio_scatter_plot(records: list[_CaseRecord], implementations: list[str], 
     return _figure_html(name, figure, f"scatter of error/bound against {xlabel}", caption)
 
 
-def _coverage_map_plot(records: list[_CaseRecord], implementations: list[str], multiple: bool) -> str:
-    """dtype × regime heatmaps, one panel per length band: the count of cases in each cell, coloured
-    by the worst sharp ratio there, so both untested corners and near-misses stand out."""
+def _coverage_map_plot(records: list[_CaseRecord], implementations: list[str], multiple: bool,
+                       column: str = "regime") -> str:
+    """dtype × regime heatmaps (a layer's records name its config, preset or drawn, as the regime),
+    one panel per length band: the count of cases in each cell, coloured by the worst sharp ratio
+    there, so both untested corners and near-misses stand out."""
     import numpy as np
     from matplotlib import colormaps
 
@@ -553,10 +586,10 @@ def _coverage_map_plot(records: list[_CaseRecord], implementations: list[str], m
         ax.set_xticks(range(len(regimes)), regimes, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(rows)), row_labels, fontsize=7)
     figure.colorbar(image, ax=axes, extend="max", label="worst sharp error/tolerance")
-    caption = ("Cases per dtype × regime in each context-length band (all properties together; the number is "
+    caption = (f"Cases per dtype × {column} in each context-length band (all properties together; the number is "
                "the count of cases). Colour: the worst sharp error/tolerance in the cell; red: the cell has a "
                "failure; grey: nothing drawn there, or only declined cases.")
-    return _figure_html("coverage-map", figure, "coverage map: dtype by regime per context-length band", caption)
+    return _figure_html("coverage-map", figure, f"coverage map: dtype by {column} per context-length band", caption)
 
 
 def _worst_sharp(cell: list[_CaseRecord]) -> float:

@@ -21,8 +21,11 @@ USER_LAYER = textwrap.dedent('''
     """A user's layer: the project's fast layer with its own softmax scale."""
     import dataclasses
 
+    import torch
+
     from mla_verify.config import MLAConfig
     from mla_verify.impls.fast_layer import FastMLALayer
+    from mla_verify.layer import LayerCapabilities
     from mla_verify.impls.torch_decode import torch_paged_decode
 
     SCALE_ERROR = FACTOR
@@ -39,6 +42,26 @@ USER_LAYER = textwrap.dedent('''
         return FastMLALayer(own, weights, dtype, device, decode_kernel=torch_paged_decode)
 
 
+    layer.capabilities = LayerCapabilities(dtypes=(torch.float64,))
+
+
+    class Loud(FastMLALayer):
+        """Every output 1 % too large: fails on the first case, so it shrinks at once."""
+
+        def prefill(self, x):
+            return super().prefill(x) * 1.01
+
+        def decode(self, x):
+            return super().decode(x) * 1.01
+
+
+    def loud(config, weights, dtype, device):
+        return Loud(config, weights, dtype, device, decode_kernel=torch_paged_decode)
+
+
+    loud.capabilities = layer.capabilities
+
+
     def not_a_factory(config, weights):
         return None
 
@@ -47,7 +70,6 @@ USER_LAYER = textwrap.dedent('''
         return x
 
 
-    import torch
     from mla_verify import Capabilities, declare
 
 
@@ -143,12 +165,13 @@ def test_a_bad_layer_name_signature_or_option_is_one_line_and_exit_2(tmp_path, c
 def test_mla_layer_runs_the_layer_properties_under_pytest(tmp_path):
     buggy = _user_layer(tmp_path, "scaled_layer", "1.005")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "properties"),
-                          "--mla-layer", f"{buggy}:layer", "--mla-profile", "quick", "--rootdir", str(REPO),
-                          "--mla-counterexamples", str(tmp_path / "cx")],
+                          "--mla-layer", f"{buggy}:loud", "--mla-profile", "quick", "--rootdir", str(REPO),
+                          "--mla-counterexamples", str(tmp_path / "cx"), "--hypothesis-seed", "0",
+                          "-k", "matches_reference"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "MLA_VERIFY_LAYER": ""})
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "test_layer_certify.py::test_matches_reference" in run.stdout
+    assert "FAILED" in run.stdout and "test_layer_certify.py::test_matches_reference" in run.stdout
     assert "deselected" in run.stdout and "test_decode_kernel" not in run.stdout
     assert "mla_verify counterexamples" in run.stdout and "replay:   mla-verify replay" in run.stdout
     assert any((tmp_path / "cx").iterdir())
