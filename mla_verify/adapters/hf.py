@@ -23,18 +23,32 @@ What the adapter does, and what it maps:
   HF's create_causal_mask (None where sdpa's is_causal suffices); the rotary embedding is HF's
   (V3: cos/sin, V2: complex freqs_cis), called as DeepseekV3Model calls it.
 
-Declared internal precision (what HF actually computes in a float64 module):
-- DeepseekV3RMSNorm casts to float32; DeepseekV3RotaryEmbedding computes inv_freq, the angles and
-  cos/sin in float32; eager_attention_forward's softmax runs in float32. So "v3-eager" declares
+Declared internal precision (`hf_precision(variant, dtype)`: what HF computes in a module of dtype):
+- DeepseekV3RMSNorm/V2RMSNorm cast to float32, normalise there, cast back to the module dtype and
+  multiply by the weight in the module dtype; the rotary embeddings compute inv_freq, the angles and
+  cos/sin in float32; V3 casts cos/sin to the module dtype and rotates there (q·cos + rotate_half(q)·sin,
+  each product and the sum rounded), V2's complex product runs in float32 and is cast back;
+  eager_attention_forward rounds q·kᵀ to the module dtype, multiplies by the scaling there, softmaxes
+  in float32 and casts P back to the module dtype before P·V; sdpa keeps the scores in float32 (its
+  math path upcasts bf16/fp16, its flash kernel rounds P). Linear maps and matmuls sum in float32 for
+  bf16/fp16 (products exact), in the module dtype otherwise. So "v3-eager" in float64 declares
   RMSNorm, RoPE and softmax in float32 (observed ~1e-7 relative), "v3-sdpa" RMSNorm and RoPE
-  (torch's SDPA keeps float64).
+  (torch's SDPA keeps float64); in bf16 every result is stored in bf16.
 - "v3-sdpa-f64" swaps the two RMSNorms for float64 ones with the same weights and feeds cos/sin
   computed in float64 (mla_verify.reference.rope_cos_sin, in HF's cat(freqs, freqs) layout): with
-  sdpa every step is then float64 (observed ~1e-15 relative). It certifies HF's projections, RoPE
-  application, cache, masking, scaling and attention, not its float32 norm and angle code.
+  sdpa every step is then float64 in a float64 module (observed ~1e-15 relative). It certifies HF's
+  projections, RoPE application, cache, masking, scaling and attention, not its float32 norm and
+  angle code.
 - DeepseekV2's apply_rotary_emb casts q_pe and k_pe to float32 for its complex product, whatever
   the module dtype, so both V2 variants declare RoPE (and RMSNorm) in float32; eager adds the
   softmax.
+
+Intermediates: the adapter exposes q (q_b_proj or q_proj output), latent (kv_a_layernorm output),
+k_pe_raw (the last d_r columns of kv_a_proj_with_mqa's output) and o (o_proj's input) through
+forward hooks (mla_verify.layer.capture_submodules); RoPE is functional code inside the module, so
+the rope and attention stages are judged together. V2 with a 'halves' config un-permutes the rope
+columns of q and k_pe_raw. HF's decode runs the naive path over a DynamicCache of expanded K and V,
+so prefill and decode are the same computation (`capabilities.both_paths` is False).
 """
 
 from __future__ import annotations
@@ -49,12 +63,12 @@ from torch import nn
 from mla_verify.adapters import LAYER_ADAPTERS, load_module
 from mla_verify.config import MLAConfig, yarn_mscale
 from mla_verify.adapters import MissingDependency
-from mla_verify.layer_contract import InternalPrecision
+from mla_verify.layer.contract import InternalPrecision, LayerCapabilities, capture_submodules, natural_accumulation
 from mla_verify.reference import MLAWeights, rope_cos_sin
 
 __all__ = ["HFDeepseekAttention", "hf_config_arguments", "interleave_halves", "hf_weights", "unsupported",
-           "deepseek_v3_eager", "deepseek_v3_sdpa", "deepseek_v3_sdpa_float64", "deepseek_v2_eager",
-           "deepseek_v2_sdpa", "VARIANTS"]
+           "hf_precision", "deepseek_v3_eager", "deepseek_v3_sdpa", "deepseek_v3_sdpa_float64", "deepseek_v2_eager",
+           "deepseek_v2_sdpa", "VARIANTS", "CAPABILITIES"]
 
 F32, F64 = torch.float32, torch.float64
 _ADAPTER = LAYER_ADAPTERS["hf-deepseek-v3-eager"]
@@ -171,7 +185,7 @@ class HFDeepseekAttention:
 
     def __init__(self, config: MLAConfig, weights: MLAWeights, dtype: torch.dtype = F64, device: str = "cpu", *,
                  version: str = "v3", attn_implementation: str = "eager", float64_norm_and_rope: bool = False,
-                 precision: InternalPrecision) -> None:
+                 precision: InternalPrecision, capture: bool = True) -> None:
         reason = unsupported(config, version)
         if reason:
             raise ValueError(reason)
@@ -198,10 +212,28 @@ class HFDeepseekAttention:
                 if norm is not None:
                     setattr(self.module, name, _Float64RMSNorm(norm.weight, norm.variance_epsilon))
         self.precision = precision
+        self._capture = capture_submodules(self.module, _taps(config), config) if capture else None
+        self._rope_order = (torch.argsort(interleave_halves(config.qk_rope_head_dim))
+                            if version == "v2" and config.rope_layout == "halves" else None)
         self._masks = load_module("transformers.masking_utils", _ADAPTER.library, _ADAPTER.install)
         self._cache_class = load_module("transformers.cache_utils", _ADAPTER.library, _ADAPTER.install).DynamicCache
         self.cache = None
         self.position = 0
+
+    def intermediates(self) -> dict[str, torch.Tensor]:
+        """q, latent, k_pe_raw and o of the last call (layer contract), in the module dtype; V2's
+        permuted rope columns put back in the config's order."""
+        if self._capture is None:
+            return {}
+        found = self._capture.intermediates()
+        if self._rope_order is not None:
+            dn = self.config.qk_nope_head_dim
+            if "q" in found:
+                q = found["q"]
+                found["q"] = torch.cat((q[..., :dn], q[..., dn:][..., self._rope_order.to(q.device)]), dim=-1)
+            if "k_pe_raw" in found:
+                found["k_pe_raw"] = found["k_pe_raw"][..., self._rope_order.to(found["k_pe_raw"].device)]
+        return found
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         self.cache = self._cache_class(config=self.hf_config)
@@ -225,6 +257,8 @@ class HFDeepseekAttention:
         if x.dim() != 3 or x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"x must be [b, s, {self.config.hidden_size}]; got shape {tuple(x.shape)}")
         x = x.to(self.device, self.dtype)
+        if self._capture is not None:
+            self._capture.clear()
         s = x.shape[1]
         position_ids = torch.arange(self.position, self.position + s, device=self.device)[None]
         mask = self._masks.create_causal_mask(config=self.hf_config, inputs_embeds=x, attention_mask=None,
@@ -235,38 +269,65 @@ class HFDeepseekAttention:
         return out
 
 
-def _precision(rms_norm: torch.dtype, rope: torch.dtype, softmax: torch.dtype, note: str) -> InternalPrecision:
-    return dataclasses.replace(InternalPrecision.uniform(F64), rms_norm=rms_norm, rope=rope, softmax=softmax,
-                               note=note)
+def _taps(config: MLAConfig) -> dict[str, tuple[str, str]]:
+    return {"q": ("q_proj" if config.q_lora_rank is None else "q_b_proj", "output"),
+            "latent": ("kv_a_layernorm", "output"), "k_pe_raw": ("kv_a_proj_with_mqa", "output"),
+            "o": ("o_proj", "input")}
 
 
-# name → (version, attention implementation, float64 norm and rope, declared precision)
-VARIANTS = {
-    "v3-eager": ("v3", "eager", False, _precision(F32, F32, F32, "HF casts RMSNorm, RoPE angles/cos/sin and the "
-                                                                 "eager softmax to float32")),
-    "v3-sdpa": ("v3", "sdpa", False, _precision(F32, F32, F64, "HF casts RMSNorm and RoPE angles/cos/sin to float32")),
-    "v3-sdpa-f64": ("v3", "sdpa", True, _precision(F64, F64, F64, "float64 RMSNorm and cos/sin supplied by the "
-                                                                  "adapter")),
-    "v2-eager": ("v2", "eager", False, _precision(F32, F32, F32, "HF casts RMSNorm, the complex RoPE product and the "
-                                                                 "eager softmax to float32")),
-    "v2-sdpa": ("v2", "sdpa", False, _precision(F32, F32, F64, "HF casts RMSNorm and the complex RoPE product to "
-                                                               "float32")),
+_NOTES = {
+    "v3-eager": "HF casts RMSNorm, RoPE angles/cos/sin and the eager softmax to float32",
+    "v3-sdpa": "HF casts RMSNorm and RoPE angles/cos/sin to float32",
+    "v3-sdpa-f64": "float64 RMSNorm and cos/sin supplied by the adapter",
+    "v2-eager": "HF casts RMSNorm, the complex RoPE product and the eager softmax to float32",
+    "v2-sdpa": "HF casts RMSNorm and the complex RoPE product to float32",
 }
 
 
+def hf_precision(variant: str, dtype: torch.dtype = F64) -> InternalPrecision:
+    """What HF's attention computes in a module of `dtype` (see the module docstring)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}; got {variant!r}")
+    version, implementation, float64_parts = VARIANTS[variant]
+    fields: dict[str, torch.dtype] = {
+        "rms_norm": F64 if float64_parts else F32,  # HF's norm in float32, the adapter's in float64
+        "rope": F64 if float64_parts else F32,  # angles and cos/sin
+        "softmax": F32 if implementation == "eager" else (F64 if dtype == F64 else F32),
+    }
+    if version == "v2":
+        fields["rope_rotation"] = F32  # the complex product (V3 rotates in the module dtype: for_module's default)
+    if implementation == "sdpa":
+        fields["scores_stored"] = natural_accumulation(dtype)  # never rounded to bf16/fp16
+    return InternalPrecision.for_module(dtype, note=_NOTES[variant], **fields)
+
+
+# name → (version, attention implementation, float64 norm and rope)
+VARIANTS = {
+    "v3-eager": ("v3", "eager", False),
+    "v3-sdpa": ("v3", "sdpa", False),
+    "v3-sdpa-f64": ("v3", "sdpa", True),
+    "v2-eager": ("v2", "eager", False),
+    "v2-sdpa": ("v2", "sdpa", False),
+}
+
+CAPABILITIES = LayerCapabilities(devices=("cpu", "cuda"), both_paths=False,
+                                 note="decode runs the naive path over HF's DynamicCache of expanded K and V")
+
+
 def _factory(variant: str):
-    version, implementation, float64_parts, precision = VARIANTS[variant]
+    version, implementation, float64_parts = VARIANTS[variant]
 
     def build(config: MLAConfig, weights: MLAWeights, dtype: torch.dtype = F64,
               device: str = "cpu") -> HFDeepseekAttention:
         return HFDeepseekAttention(config, weights, dtype, device, version=version, attn_implementation=implementation,
-                                   float64_norm_and_rope=float64_parts, precision=precision)
+                                   float64_norm_and_rope=float64_parts, precision=hf_precision(variant, dtype))
 
     build.__name__ = build.__qualname__ = f"deepseek_{variant.replace('-', '_')}"
-    build.__doc__ = (f"Layer factory: HF Deepseek{version.upper()}Attention, {implementation}; declares "
-                     f"{precision.describe()}.")
-    build.precision = precision
+    build.__doc__ = (f"Layer factory: HF Deepseek{version.upper()}Attention, {implementation}; in a float64 module "
+                     f"declares {hf_precision(variant).describe()}.")
+    build.precision = hf_precision(variant)  # in a float64 module; hf_precision(variant, dtype) for others
     build.supports = lambda config: unsupported(config, version)
+    build.capabilities = CAPABILITIES
     return build
 
 

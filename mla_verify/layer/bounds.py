@@ -224,6 +224,8 @@ def _rms_norm(a: Bounded, weight: torch.Tensor, u_w: float, eps: float, p: Inter
                                                  + math.log1p(2 * u_c)), torch.full_like(delta, math.inf))
     normalized = v * r
     error = _product(av, ea, r.expand_as(v), (r * delta_r).expand_as(v), u_c)
+    # |a_j|·r ≤ √n for any a (a_j² ≤ Σ a²), so a normalised value is never off by more than |a_j r| + √n·(1 + 2u)
+    error = torch.minimum(torch.nan_to_num(error, nan=math.inf), normalized.abs() + math.sqrt(n) * (1 + 2 * u_c))
     sq = None
     if a.sq is not None:
         radial = (v * v * a.sq).sum(-1, keepdim=True) / (n * mean_square) ** 2
@@ -409,6 +411,17 @@ def _attend_block(q: Bounded, k: Bounded, v: Bounded, visible: torch.Tensor, sca
            + u_p * torch.einsum("bsht,bthc->bshc", computed, va) + tiny_p * visible_abs
            + torch.einsum("bsht,bthc->bshc", stored_p, v.error)
            + ga * torch.einsum("bsht,bthc->bshc", stored_p, v.magnitude))
+    # whatever the score errors, the computed output is Σ_t p̂_t·v̂_t with p̂_t ≥ 0 and Σ p̂_t ≤ S
+    # (the normaliser's and P's roundings): o' − o = Σ p̂_t(v̂_t − o) + (Σ p̂_t − 1)·o, so
+    # |o' − o| ≤ S·max_t(|v_t − o| + Δv_t) + (S − 1)|o| plus the sum's rounding. This keeps the bound
+    # finite (and the convex hull's) where the scores' errors are too large for the rules above.
+    total_p = (1 + nu) * (1 + u_p) + tiny_p * keys
+    spread = torch.where(mask[..., None].expand_as(centred), centred.abs() + v.error.permute(0, 2, 1, 3)[:, None],
+                         zero).amax(3)
+    hull = (total_p * spread + (total_p - 1) * o.abs()
+            + ga * total_p * torch.where(mask[..., None].expand_as(centred),
+                                         v.magnitude.permute(0, 2, 1, 3)[:, None], zero).amax(3))
+    e_o = torch.minimum(torch.nan_to_num(e_o, nan=math.inf), hull)
 
     sq = None
     if q.sq is not None:

@@ -330,18 +330,29 @@ class SubmoduleCapture:
         if unknown:
             raise ValueError(f"taps: unknown intermediate keys {unknown}; expected some of {list(INTERMEDIATES)}")
         self.config = config
+        self._module = module
         self._taps = dict(taps)
         self._recorded: dict[str, torch.Tensor] = {}
-        self._handles = []
-        submodules = dict(module.named_modules())
+        self._hooked: dict[str, tuple[nn.Module, object]] = {}  # key → (submodule, hook handle)
         for key, tap in taps.items():
             if not (isinstance(tap, tuple) and len(tap) == 2 and tap[1] in ("input", "output")):
                 raise ValueError(f"taps[{key!r}] must be (submodule path, 'input' | 'output'); got {tap!r}")
-            path, where = tap
+        self._attach()
+
+    def _attach(self) -> None:
+        """Hook every tapped submodule; a submodule replaced since (a test swapping a norm for
+        nn.Identity, a user's patch) is hooked again at its path."""
+        submodules = dict(self._module.named_modules())
+        for key, (path, where) in self._taps.items():
             if path not in submodules:
-                raise ValueError(f"taps[{key!r}]: no submodule {path!r} in {type(module).__name__}; it has "
+                raise ValueError(f"taps[{key!r}]: no submodule {path!r} in {type(self._module).__name__}; it has "
                                  f"{sorted(name for name in submodules if name)[:20]}")
-            self._handles.append(submodules[path].register_forward_hook(self._hook(key, where)))
+            hooked = self._hooked.get(key)
+            if hooked is not None and hooked[0] is submodules[path]:
+                continue
+            if hooked is not None:
+                hooked[1].remove()
+            self._hooked[key] = (submodules[path], submodules[path].register_forward_hook(self._hook(key, where)))
 
     def _hook(self, key: str, where: str):
         def record(_module, inputs, output):
@@ -351,14 +362,16 @@ class SubmoduleCapture:
         return record
 
     def clear(self) -> None:
-        """Forget what was recorded (call at the start of each prefill/decode)."""
+        """Forget what was recorded and re-hook replaced submodules (call at the start of each
+        prefill/decode)."""
         self._recorded = {}
+        self._attach()
 
     def remove(self) -> None:
         """Remove the hooks."""
-        for handle in self._handles:
+        for _, handle in self._hooked.values():
             handle.remove()
-        self._handles = []
+        self._hooked = {}
 
     def intermediates(self) -> dict[str, torch.Tensor]:
         """The recorded intermediates in the documented shapes ([b, n] then `INTERMEDIATES`'s):
