@@ -90,7 +90,7 @@ def _check_output_folder(option: str, path: str | None) -> None:
 
 def _resolve(spec: str | None, layer: bool | None = None, **options: object):
     """A decode kernel or a layer (layer=True: only a layer; None: whichever `spec` names)."""
-    from mla_verify.registry import ImplementationError, resolve_any
+    from mla_verify.certify.registry import ImplementationError, resolve_any
 
     try:
         return resolve_any(spec, layer=layer or None, **options)
@@ -120,7 +120,7 @@ def _check_declared_device(impl, device: str) -> None:
 
 def _check_selection(impl, args: argparse.Namespace) -> None:
     """--property names a property of this implementation's half; --dtype names a dtype it declares."""
-    from mla_verify.certify import LayerHalf, half_of
+    from mla_verify.certify.halves import LayerHalf, half_of
 
     half = half_of(impl)
     if getattr(args, "property", None):
@@ -130,7 +130,7 @@ def _check_selection(impl, args: argparse.Namespace) -> None:
                 raise UsageError(f"--property {name}: not a property of {half.kind} '{impl.name}' (its properties: "
                                  f"{', '.join(names)})")
     if getattr(args, "dtype", None):
-        from mla_verify.certify import _dtype_names
+        from mla_verify.certify.halves import _dtype_names
 
         declared = (LayerHalf.dtypes(impl, None) if isinstance(half, LayerHalf)
                     else _dtype_names(impl.capabilities.dtypes))
@@ -145,7 +145,7 @@ def _write_outputs(certificate_data: dict, args: argparse.Namespace, markdown: s
     if getattr(args, "markdown", None) and markdown is not None:
         Path(args.markdown).write_text(markdown)
     if getattr(args, "html", None):
-        from mla_verify.report import render_comparison_html, render_html
+        from mla_verify.certify.report import render_comparison_html, render_html
 
         html = (render_comparison_html(certificate_data["certificates"]) if "certificates" in certificate_data
                 else render_html(certificate_data))
@@ -163,7 +163,7 @@ def _check_report_available(args: argparse.Namespace) -> None:
 # ---- commands ----
 
 def _certify_one(impl, args: argparse.Namespace, progress):
-    from mla_verify.certify import certify
+    from mla_verify.certify.runner import certify
 
     return certify(impl, profile=args.profile, device=args.device, max_examples=args.max_examples, seed=args.seed,
                    counterexamples=args.counterexamples, isolate=args.isolate, properties=args.property,
@@ -176,7 +176,7 @@ def _command_line() -> str:
 
 
 def _cmd_certify(args: argparse.Namespace) -> int:
-    from mla_verify.progress import progress_for
+    from mla_verify.certify.progress import progress_for
 
     impl = _resolve(args.impl, layer=args.layer)
     _check_device(args.device)
@@ -215,8 +215,8 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mla_verify.comparison import comparison_markdown, comparison_table
-    from mla_verify.progress import progress_for
+    from mla_verify.certify.comparison import comparison_markdown, comparison_table
+    from mla_verify.certify.progress import progress_for
 
     if len(args.impls) < 2:
         raise UsageError("compare: name at least two implementations, e.g. mla-verify compare torch triton")
@@ -290,7 +290,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _check_layer_case(impl, path: Path, data: object, args: argparse.Namespace) -> int:
     """`check` of a layer case: every layer property (or the named ones) on the one case."""
-    from mla_verify.certify import CaseFault, CaseRefused, LayerHalf, layer_case_from_dict
+    from mla_verify.certify.halves import CaseFault, CaseRefused, LayerHalf, layer_case_from_dict
 
     try:
         case = layer_case_from_dict(data["case"] if isinstance(data, dict) and "case" in data else data)
@@ -331,15 +331,15 @@ _CHILD_PROCESS_KINDS = ("process crashed", "call did not return in time")
 def _recorded(meta: dict) -> str:
     """The implementation a counterexample names: its registered name when that still names the
     same target, else the recorded 'module:attr'."""
-    from mla_verify.registry import registered, registered_layers
+    from mla_verify.certify.registry import registered, registered_layers
 
     name, spec = meta.get("implementation_name"), meta["implementation"]
     return name if name and {**registered(), **registered_layers()}.get(name) == spec else spec
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from mla_verify.certify import CaseFault, CaseRefused, half_of
-    from mla_verify.counterexample import load_counterexample
+    from mla_verify.certify.halves import CaseFault, CaseRefused, half_of
+    from mla_verify.certify.counterexample import load_counterexample
 
     path = Path(args.path)
     if not (path / "case.json").exists() and not (path.name == "case.json" and path.exists()):
@@ -366,7 +366,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print("(recorded as a crash or a hang: replaying in a child process)")
     isolated = None
     if isolate:
-        from mla_verify.certify import IsolatedRunner
+        from mla_verify.certify.runner import IsolatedRunner
 
         isolated = IsolatedRunner(args.timeout)
     try:
@@ -385,7 +385,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mla_verify.certify import certificate_markdown
+    from mla_verify.certify.certificate import certificate_markdown
 
     path = Path(args.certificate)
     try:
@@ -402,7 +402,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     markdown = None
     if args.markdown:
         if "certificates" in data:
-            from mla_verify.comparison import comparison_markdown
+            from mla_verify.certify.comparison import comparison_markdown
 
             markdown = comparison_markdown(data["certificates"])
         else:
@@ -419,7 +419,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from mla_verify.registry import DEFAULT_IMPLEMENTATION, registered, registered_layers
+    from mla_verify.certify.registry import DEFAULT_IMPLEMENTATION, registered, registered_layers
 
     rows = [(name, "decode kernel", spec + ("  (default)" if name == DEFAULT_IMPLEMENTATION else ""))
             for name, spec in sorted(registered().items())]
@@ -441,14 +441,14 @@ def _cmd_cache_table(args: argparse.Namespace) -> int:
 
 def _property_names() -> list[str]:
     """Every property name of both halves (which apply is checked once the implementation is known)."""
-    from mla_verify.certify import layer_properties
+    from mla_verify.certify.halves import layer_properties
     from mla_verify.decode.properties import DECODE_PROPERTIES
 
     return list(dict.fromkeys([p.name for p in DECODE_PROPERTIES] + [p.name for p in layer_properties()]))
 
 
 def _add_run_options(command: argparse.ArgumentParser) -> None:
-    from mla_verify.certify import ALL_DTYPES
+    from mla_verify.certify.halves import ALL_DTYPES
 
     command.add_argument("--layer", action="store_true",
                          help="IMPL is a layer factory(config, weights, dtype, device) (default: told by its "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import settings
 
-from mla_verify.profiles import PROFILES, Profile, hypothesis_settings
+from mla_verify.certify.profiles import PROFILES, Profile, hypothesis_settings
 
 __all__ = ["Selection", "selection", "IMPLEMENTATION_MARKER", "LAYER_MARKER"]
 
@@ -39,13 +39,13 @@ class Selection:
     layer_name: str | None = None
 
     def implementation(self):
-        from mla_verify.registry import resolve
+        from mla_verify.certify.registry import resolve
 
         return resolve(self.impl_name)
 
     def layer(self):
         """The layer named by --mla-layer or $MLA_VERIFY_LAYER; None when neither names one."""
-        from mla_verify.registry import LAYER_ENVIRONMENT_VARIABLE, resolve_layer
+        from mla_verify.certify.registry import LAYER_ENVIRONMENT_VARIABLE, resolve_layer
 
         if self.layer_name is None and not os.environ.get(LAYER_ENVIRONMENT_VARIABLE):
             return None
@@ -102,7 +102,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _validate(chosen: Selection) -> None:
     """Bad choices stop the run with one line, before any test is collected."""
-    from mla_verify.registry import ImplementationError
+    from mla_verify.certify.registry import ImplementationError
 
     try:
         chosen.implementation()
@@ -116,7 +116,7 @@ def _validate(chosen: Selection) -> None:
 
 
 def _validate_layer(chosen: Selection) -> None:
-    from mla_verify.registry import ImplementationError
+    from mla_verify.certify.registry import ImplementationError
 
     try:
         chosen.layer()
@@ -150,7 +150,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     failures = _property_failures(call.excinfo.value)
     if not failures:
         return
-    from mla_verify.counterexample import save_counterexample
+    from mla_verify.certify.counterexample import save_counterexample
 
     chosen, lines = selection(), []
     impl = chosen.layer() if item.get_closest_marker(LAYER_MARKER) else chosen.implementation()
@@ -164,7 +164,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def _property_failures(error: BaseException) -> list:
-    from mla_verify.certify import CaseFault
+    from mla_verify.certify.halves import CaseFault
     from mla_verify.decode.checks import CaseFailure
 
     if isinstance(error, (CaseFailure, CaseFault)) and hasattr(error, "property_name"):
@@ -175,7 +175,7 @@ def _property_failures(error: BaseException) -> list:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from mla_verify.registry import ImplementationError
+    from mla_verify.certify.registry import ImplementationError
 
     chosen = selection()
     try:

@@ -26,7 +26,7 @@ import torch
 from mla_verify.decode.case import DecodeCase
 from mla_verify.decode.checks import expected_for
 from mla_verify.decode.properties import property_named
-from mla_verify.registry import module_root
+from mla_verify.certify.registry import module_root
 
 __all__ = ["save_counterexample", "load_counterexample", "replay", "LAYER_KIND"]
 
@@ -42,9 +42,7 @@ def save_counterexample(directory: str | Path, impl: object, prop_name: str, fai
     kind = getattr(fault, "kind", "")
     kind = getattr(kind, "value", kind)
     layer = getattr(impl, "kind", "") == LAYER_KIND
-    from mla_verify.certify import layer_case_to_dict
-
-    case_dict = layer_case_to_dict(case) if layer else case.to_dict()
+    case_dict = case.to_dict()
     digest = hashlib.sha1(json.dumps(case_dict, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(directory) / f"{_slug(impl.name)}-{prop_name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,7 +92,7 @@ def _slug(name: str) -> str:
 def load_counterexample(path: str | Path) -> dict:
     """case.json of an artifact folder (or the file itself), with the case as a DecodeCase or a
     LayerCase (`implementation_kind`); ValueError naming the file when it is not one."""
-    from mla_verify.certify import layer_case_from_dict, layer_property_named
+    from mla_verify.certify.halves import layer_case_from_dict, layer_property_named
 
     path = Path(path)
     file = path / "case.json" if path.is_dir() else path
@@ -113,7 +111,7 @@ def load_counterexample(path: str | Path) -> dict:
 
 def replay(path: str | Path, impl: object) -> object | None:
     """Rerun the artifact's property on its case; the CaseFault if it still fails, else None."""
-    from mla_verify.certify import CaseFault, half_of
+    from mla_verify.certify.halves import CaseFault, half_of
 
     meta = load_counterexample(path)
     half = half_of(impl)
