@@ -59,6 +59,12 @@ class Search:
     def stage(self) -> str | None:
         return getattr(self.error, "stage", None)
 
+    @property
+    def ratio(self) -> str:
+        """error/bound of the failing check ("" for an exception or a pass)."""
+        ratio = getattr(self.error, "ratio", None)
+        return "" if ratio is None else f"{ratio:.3g}"
+
 
 def search(factory, dtype: str, max_examples: int, needs=None, with_feature: bool = True,
            properties: tuple[str, ...] = ("matches_reference",)) -> Search:
@@ -163,11 +169,12 @@ def _print_table(config) -> None:
         return
     lines = ["", f"layer mutant zoo: up to {SEARCH_EXAMPLES} drawn cases per mutant and dtype (controls: "
              f"{CONTROL_EXAMPLES}), derandomised",
-             f"{'layer':46} {'dtype':9} {'caught as (stage)':36} {'examples':>8} {'seconds':>7}  case"]
+             f"{'layer':46} {'dtype':9} {'caught as (stage)':36} {'ratio':>8} {'examples':>8} {'seconds':>7}  case"]
     for (name, dtype), found in _searches.items():
         kind = (found.kind or "passed") + (f" ({found.stage})" if found.stage and found.stage != found.kind else "")
         case = found.case.describe() if found.case is not None else ""
-        lines.append(f"{name[:46]:46} {dtype:9} {kind:36} {found.examples:>8} {found.seconds:7.2f}  {case}")
+        lines.append(f"{name[:46]:46} {dtype:9} {kind:36} {found.ratio:>8} {found.examples:>8} {found.seconds:7.2f}  "
+                     f"{case}")
     if capture is not None:
         with capture.global_and_fixture_disabled():
             for line in lines:
