@@ -544,6 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         _stderr(f"mla-verify: {error}")
         return 2
+    except Exception as error:
+        from mla_verify.certify.halves import NothingToCertify
+
+        if not isinstance(error, NothingToCertify):
+            raise
+        _stderr(f"mla-verify: {error}")
+        return 2
     except KeyboardInterrupt:
         _stderr("mla-verify: interrupted")
         return 130

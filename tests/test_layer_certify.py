@@ -62,6 +62,13 @@ USER_LAYER = textwrap.dedent('''
     loud.capabilities = layer.capabilities
 
 
+    def fussy(config, weights, dtype, device):
+        return layer(config, weights, dtype, device)
+
+
+    fussy.supports = lambda config: f"{config.num_heads} heads are not supported"
+
+
     def not_a_factory(config, weights):
         return None
 
@@ -153,6 +160,7 @@ def test_a_user_layer_with_a_scale_bug_fails_with_a_replayable_counterexample(tm
     (["certify", "{folder}/scaled_layer.py:float32_kernel", "--dtype", "float64"], "declares dtypes ['float32']"),
     (["certify", "fast-layer-torch", "--device", "cuda:0"], "--device cuda:0"),
     (["check", "fast-layer-torch", "--case", "{folder}/decode_case.json"], "expected a layer case.json"),
+    (["certify", "{folder}/scaled_layer.py:fussy", "--max-examples", "2", "--quiet"], "supports none of the"),
 ])
 def test_a_bad_layer_name_signature_or_option_is_one_line_and_exit_2(tmp_path, capsys, args, words):
     _user_layer(tmp_path, "scaled_layer", "1.0")

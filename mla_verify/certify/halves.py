@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -34,7 +35,8 @@ from mla_verify.decode.strategies import DEFAULT_PAGES, DEFAULT_WIDTHS, decode_c
 if TYPE_CHECKING:
     from mla_verify.certify.certificate import PropertyReport
 
-__all__ = ["ALL_DTYPES", "CRASH", "TIMEOUT", "DECLINED", "Fault", "CaseFault", "CaseRefused", "Coverage",
+__all__ = ["ALL_DTYPES", "CRASH", "TIMEOUT", "DECLINED", "Fault", "CaseFault", "CaseRefused", "NothingToCertify",
+           "Coverage",
            "LayerCoverage", "not_covered", "LayerProperty", "layer_properties", "layer_property_named",
            "layer_case_from_dict", "Half", "DecodeHalf", "LayerHalf", "half_of"]
 
@@ -101,6 +103,11 @@ class CaseFault(AssertionError):
 
 
 _SIGNATURE_TYPES: dict[str, type[CaseFault]] = {}
+
+
+class NothingToCertify(Exception):
+    """Hypothesis could not draw cases the implementation accepts (every drawn config refused by
+    the layer's `supports`, or capabilities that leave nothing to draw); a one-line message."""
 
 
 class CaseRefused(Exception):
@@ -423,6 +430,11 @@ class Half:
                     dtypes: tuple[str, ...] | None, profile: Profile) -> list[str]:
         raise NotImplementedError
 
+    def nothing_drawn(self, impl: object, error: BaseException) -> str:
+        """Why Hypothesis drew no usable case (`error`: its health check or Unsatisfiable)."""
+        return (f"no case could be drawn within what '{impl.name}' declares "
+                f"({type(error).__name__}: {_first_line(str(error), 200)})")
+
     def save(self, directory: str | Path, impl: object, prop_name: str, fault: Fault, case: object,
              device: str) -> Path:
         from mla_verify.certify.counterexample import save_counterexample
@@ -498,8 +510,9 @@ class LayerHalf(Half):
     kind = "layer"
 
     def __init__(self) -> None:
-        # reasons the factory's supports(config) gave for configs the strategy skipped
-        self.refused_configs: dict[str, int] = {}
+        # reasons the factory's supports(config) gave for configs the strategy skipped: the reason
+        # with its numbers blanked out → (an example of it, how many configs)
+        self.refused_configs: dict[str, tuple[str, int]] = {}
 
     def properties(self, impl: LayerImplementation) -> tuple:
         both = getattr(impl.capabilities, "both_paths", True)
@@ -517,11 +530,13 @@ class LayerHalf(Half):
         supports = getattr(factory, "supports", None)
         try:
             reason = supports(case.config) if supports is not None else None
-        except Exception as error:  # noqa: BLE001 - the layer's own declaration is broken: say so, skip the config
-            reason = f"its supports(config) raised {type(error).__name__}: {error}"
+        except Exception:  # noqa: BLE001 - kept: judging the case reports the broken declaration
+            return True
         if reason:
-            key = _first_line(str(reason), 120)
-            self.refused_configs[key] = self.refused_configs.get(key, 0) + 1
+            example = _first_line(str(reason), 160)
+            key = re.sub(r"\d+", "N", example)
+            first, count = self.refused_configs.get(key, (example, 0))
+            self.refused_configs[key] = (first, count + 1)
         return not reason
 
     def strategy(self, impl, prop, profile, device, dtypes):
@@ -541,6 +556,13 @@ class LayerHalf(Half):
 
         fault = refused = None
         report = None
+        supports = getattr(impl.factory, "supports", None)
+        try:
+            if supports is not None:
+                supports(case.config)
+        except Exception as error:  # noqa: BLE001 - a declaration that raises is the layer's failure
+            raise CaseFault(Fault("exception", _first_line(f"its supports(config) raised {type(error).__name__}: "
+                                                            f"{error}"), locus=type(error).__name__), case) from None
         try:
             with deadline(impl.timeout_s):
                 report = prop.check(impl.factory, case, device)
@@ -591,6 +613,14 @@ class LayerHalf(Half):
     def case_from_dict(self, data: dict) -> object:
         return layer_case_from_dict(data)
 
+    def nothing_drawn(self, impl, error):
+        if self.refused_configs:
+            refused = sum(count for _, count in self.refused_configs.values())
+            example = next(iter(self.refused_configs.values()))[0]
+            return (f"'{impl.name}' supports none of the {refused} configs drawn (its supports(config) refused "
+                    f"them, e.g.: {example}); nothing to certify within the profile's limits")
+        return super().nothing_drawn(impl, error)
+
     def digest(self, impl, prop, device):
         return f"layer|{impl.spec}|{prop.name}|{device}".encode()
 
@@ -640,8 +670,8 @@ class LayerHalf(Half):
         limits = profile.layer
         gaps.append(f"more than {limits.max_heads} heads, widths above {limits.max_width}, sequences longer than "
                     f"{limits.max_length} tokens (the {profile.name} profile's limits)")
-        for reason, count in self.refused_configs.items():
-            gaps.append(f"configs the layer does not support ({count} drawn configs skipped): {reason}")
+        for example, count in self.refused_configs.values():
+            gaps.append(f"configs the layer does not support ({count} drawn configs skipped), e.g.: {example}")
         coverage = reports[0].coverage if reports else None
         if isinstance(coverage, LayerCoverage) and coverage.dtypes:
             crossings = ", ".join(f"{n} across a {page} boundary" for page, n in coverage.page_crossings.items())

@@ -29,7 +29,7 @@ from hypothesis import Phase, example, given, settings, target
 
 from mla_verify.certify.certificate import Certificate, PropertyReport, device_info, provenance, versions
 from mla_verify.certify.halves import (CRASH, DECLINED, TIMEOUT, CaseFault, CaseRefused, DecodeHalf, Fault, Half,
-                                       LayerHalf, LayerProperty, half_of)
+                                       LayerHalf, LayerProperty, NothingToCertify, half_of)
 from mla_verify.certify.profiles import PROFILES, Profile, hypothesis_settings
 from mla_verify.certify.progress import Progress
 from mla_verify.certify.registry import LayerImplementation
@@ -234,7 +234,10 @@ def run_property(impl: Implementation | LayerImplementation, prop: DecodePropert
         search = hypothesis_settings(profile, max_examples)(given(strategy)(check))
         if seed is not None:
             search = hypothesis.seed(seed + round_number)(search)
-        new = _run_collecting(search)
+        try:
+            new = _run_collecting(search)
+        except (hypothesis.errors.FailedHealthCheck, hypothesis.errors.Unsatisfiable) as error:
+            raise NothingToCertify(half.nothing_drawn(impl, error)) from None
         for signature, entry in new.items():
             found.setdefault(signature, entry)
         if not new.keys() - known:
