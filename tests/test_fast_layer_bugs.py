@@ -14,7 +14,7 @@ import torch
 from mla_verify.config import MLAConfig
 from mla_verify.impls.fast_layer import FastMLALayer
 from mla_verify.impls.torch_decode import torch_paged_decode
-from mla_verify.layer import STAGES, LayerCase, LayerFailure, check_layer
+from mla_verify.layer import STAGES, LayerCase, LayerFailure, absorbed_matches_naive, check_layer
 
 CONFIG = MLAConfig("small", hidden_size=16, num_heads=3, q_lora_rank=8, kv_lora_rank=12, qk_nope_head_dim=4,
                    qk_rope_head_dim=4, v_head_dim=5)
@@ -61,6 +61,16 @@ def test_a_softmax_scale_off_by_half_a_percent_is_caught_in_float32():
     with pytest.raises(LayerFailure, match="bound") as caught:
         check_layer(_factory(_scale_off), CASE)
     assert caught.value.kind == "attention"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_decode_agrees_with_prefill_in_every_dtype_and_a_decode_only_bug_breaks_it(dtype):
+    case = CASE.replace(dtype=dtype)
+    report = absorbed_matches_naive(_factory(torch_paged_decode), case)
+    assert report.stages["attention"] <= 1 and report.property == "absorbed_matches_naive"
+    with pytest.raises(LayerFailure, match="absorbed vs naive") as caught:
+        absorbed_matches_naive(_factory(_drops_last_token), case)
+    assert caught.value.kind == "absorbed vs naive" and caught.value.stage == "attention"
 
 
 TRITON_IN_LAYER = textwrap.dedent('''

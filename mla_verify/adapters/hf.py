@@ -53,7 +53,6 @@ so prefill and decode are the same computation (`capabilities.both_paths` is Fal
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from types import ModuleType
 

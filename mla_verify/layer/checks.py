@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mla_verify.adapters import MissingDependency
+from mla_verify.decode.contract import Declined
 from mla_verify.layer.bounds import (CHECKPOINTS, STAGES, LayerBound, layer_error_bound, stage_bounds,
                                      stage_of)
 from mla_verify.layer.case import LayerCase
@@ -230,13 +231,14 @@ def judge_layer(run: LayerRun, case: LayerCase, weights: torch.Tensor, x: torch.
 
 def build_layer(factory: str | LayerFactory, case: LayerCase, device: str = "cpu"):
     """(layer, float64 weights, x) for the case; an exception of the factory raises LayerFailure
-    (kind 'exception'), a missing library MissingDependency."""
+    (kind 'exception'); a missing library (MissingDependency) and a refusal (Declined,
+    NotImplementedError) propagate as they are."""
     spec = factory if isinstance(factory, str) else None
     weights, x = case.build()
     build = resolve_factory(factory)
     try:
         layer = build(case.config, weights, case.torch_dtype, device)
-    except (MissingDependency, LayerFailure):
+    except (MissingDependency, LayerFailure, Declined, NotImplementedError):
         raise
     except Exception as error:  # noqa: BLE001 - the layer's own failure, reported as such
         raise LayerFailure(f"the factory raised {type(error).__name__}: {error}", case, spec,
@@ -247,7 +249,7 @@ def build_layer(factory: str | LayerFactory, case: LayerCase, device: str = "cpu
 def run_case(layer: MLALayer, case: LayerCase, x: torch.Tensor, spec: str | None) -> LayerRun:
     try:
         return record_layer(layer, case, x, spec)
-    except (MissingDependency, LayerFailure):
+    except (MissingDependency, LayerFailure, Declined, NotImplementedError):  # a refusal is not a failure
         raise
     except Exception as error:  # noqa: BLE001
         raise LayerFailure(f"the layer raised {type(error).__name__}: {error}", case, spec,

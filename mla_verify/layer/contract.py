@@ -207,22 +207,22 @@ class InternalPrecision:
         return f"{text} ({self.note})" if self.note else text
 
     def precision_class(self, dtype: torch.dtype) -> str:
-        """A short label: the module dtype, then the steps computed in another type than a plain
-        module of that dtype would (e.g. 'float64 with float32 RMSNorm/RoPE/softmax', 'bfloat16',
-        'bfloat16 with float64 RMSNorm/RoPE')."""
-        plain = InternalPrecision.for_module(dtype)
+        """A short label: the module dtype, then the steps computed in a type a plain module of that
+        dtype would not use — another type than the dtype itself, and for bf16/fp16 modules than
+        float32 too (their sums and softmax run there anyway): 'float64 with float32
+        RMSNorm/RoPE/softmax', 'bfloat16', 'bfloat16 with float64 RMSNorm/RoPE', 'bfloat16 (sums in
+        bfloat16)'."""
         mine = self.resolved(dtype)
+        plain = {dtype, F32} if dtype in LOW_PRECISION else {dtype}
         names = {"rms_norm": "RMSNorm", "rope": "RoPE", "softmax": "softmax", "projections": "projections",
                  "scores": "scores", "attention": "P·V"}
-        if self.stored is None:  # dtype-agnostic: compare with uniform
-            plain = InternalPrecision.uniform(dtype).resolved(dtype)
         by_type: dict[torch.dtype, list[str]] = {}
         for step in self.STEPS:
-            if getattr(mine, step) != getattr(plain, step):
+            if getattr(mine, step) not in plain:
                 by_type.setdefault(getattr(mine, step), []).append(names[step])
         label = dtype_name(dtype)
-        if self.stored is None and dtype in LOW_PRECISION and all(getattr(mine, s) == dtype for s in self.STEPS):
-            label += " (sums in bfloat16)" if dtype == torch.bfloat16 else " (sums in float16)"
+        if dtype in LOW_PRECISION and mine.sums("projections") == dtype:
+            label += f" (sums in {dtype_name(dtype)})"
         parts = [f"{dtype_name(t)} {'/'.join(steps)}" for t, steps in
                  sorted(by_type.items(), key=lambda item: unit_roundoff(item[0]))]
         return label + (" with " + ", ".join(parts) if parts else "")
@@ -260,7 +260,8 @@ class LayerCapabilities:
             raise ValueError(f"LayerCapabilities.dtypes must be a non-empty tuple of floating torch dtypes; "
                              f"got {self.dtypes!r}")
         if not self.devices or not all(isinstance(d, str) for d in self.devices):
-            raise ValueError(f"LayerCapabilities.devices must be a non-empty tuple of device names; got {self.devices!r}")
+            raise ValueError(f"LayerCapabilities.devices must be a non-empty tuple of device names; got "
+                             f"{self.devices!r}")
         if self.max_heads is not None and not (isinstance(self.max_heads, int) and self.max_heads >= 1):
             raise ValueError(f"LayerCapabilities.max_heads must be None or an int >= 1; got {self.max_heads!r}")
 

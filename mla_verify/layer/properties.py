@@ -54,9 +54,10 @@ def absorbed_matches_naive(factory: str | LayerFactory, case: LayerCase, device:
     described = precision.describe()
 
     def fail(what: str, ratio: float, detail: str, stage: str | None = None, tier: str = "sound") -> LayerFailure:
-        return LayerFailure(f"absorbed vs naive{' (' + stage + ')' if stage else ''}{' (sharp tier)' if tier == 'sharp' else ''}: "
-                            f"{what} = {ratio:.3g}{detail} (A: prefill {case.prefill} then decode {list(case.decode)}; "
-                            f"B: one prefill of {case.length}; declared: {described})", case, spec,
+        where = (f" ({stage})" if stage else "") + (" (sharp tier)" if tier == "sharp" else "")
+        return LayerFailure(f"absorbed vs naive{where}: {what} = {ratio:.3g}{detail} (A: prefill {case.prefill} then "
+                            f"decode {list(case.decode)}; B: one prefill of {case.length}; declared: {described})",
+                            case, spec,
                             kind="absorbed vs naive", stage=stage, ratio=ratio, tier=tier)
 
     stages: dict[str, float] = {}
