@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def test_example_layer_certifies_through_the_command_line(dtype, tmp_path):
     run = subprocess.run([sys.executable, "-m", "mla_verify.cli", "certify", f"{EXAMPLE_PATH}:factory",
                           "--dtype", dtype, "--max-examples", "10", "--json", str(certificate), "--counterexamples",
                           str(tmp_path / "counterexamples"), "--quiet"], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+                         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(certificate.read_text())
     assert result["verdict"] == "pass", result["headline"]
