@@ -157,7 +157,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     for number, failure in enumerate(failures, 1):
         folder = save_counterexample(chosen.counterexamples, impl, failure.property_name, failure,
                                      device=chosen.device)
-        lines.append(f"failure {number}/{len(failures)}: {failure.finding.signature}\n"
+        signature = (getattr(failure, "fault", None) or failure.finding).signature
+        lines.append(f"failure {number}/{len(failures)}: {signature}\n"
                      f"  minimal case: {failure.case.describe()}\n  artifact: {folder}\n"
                      f"  replay:   mla-verify replay {folder}\n  or:       python {folder}/repro.py")
     outcome.get_result().sections.append(("mla_verify counterexamples", "\n".join(lines)))

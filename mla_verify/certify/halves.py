@@ -88,11 +88,6 @@ class CaseFault(AssertionError):
         super().__init__(f"{fault.kind}: {fault.message}\n  case: {description}")
         self.fault, self.case, self.description = fault, case, description
 
-    # the decode pytest plugin and the zoo read `.finding` (kind, signature, message, ratio)
-    @property
-    def finding(self) -> Fault:
-        return self.fault
-
     def distinct(self) -> CaseFault:
         signature = self.fault.signature
         kind = _SIGNATURE_TYPES.get(signature)
@@ -584,7 +579,7 @@ class LayerHalf(Half):
             raise CaseRefused(refused, case)
         if fault is not None:
             raise CaseFault(fault, case)
-        return _layer_ratios(report), _layer_details(report, impl, case)
+        return _layer_ratios(report), _layer_details(report)
 
     def new_coverage(self) -> LayerCoverage:
         return LayerCoverage()
@@ -681,48 +676,34 @@ class LayerHalf(Half):
 
 
 def _layer_fault(failure: BaseException) -> Fault:
-    """A LayerFailure as a Fault: its kind and stage (the signature), its ratio, the message without
-    the case and replay lines (the runner records the case and writes its own replay command)."""
-    text = str(failure)
-    lines = [line for line in text.splitlines() if not line.strip().startswith(("case:", "replay:"))]
-    message = " ".join(line.strip() for line in lines if line.strip()) or text
-    kind = failure.kind
-    stage = getattr(failure, "stage", None)
-    ratio = getattr(failure, "ratio", None)
-    ratio = float(ratio) if isinstance(ratio, (int, float)) else math.inf
-    tier = getattr(failure, "tier", None) if math.isfinite(ratio) else ""
-    locus = str(stage) if stage and stage != kind else ""
-    if kind == "exception" and not locus and failure.__cause__ is not None:
+    """A LayerFailure as a Fault: its kind and stage (the signature), its ratio and tier, the message
+    without the case and replay lines (the runner records the case and writes its own replay)."""
+    lines = [line.strip() for line in str(failure).splitlines()
+             if line.strip() and not line.strip().startswith(("case:", "replay:"))]
+    ratio = float(failure.ratio)
+    locus = failure.stage if failure.stage and failure.stage != failure.kind else ""
+    if failure.kind == "exception" and not locus and failure.__cause__ is not None:
         locus = type(failure.__cause__).__name__  # distinct exceptions are distinct failures
-    return Fault(str(kind), message, ratio, locus, tier or "")
+    return Fault(failure.kind, " ".join(lines), ratio, locus, failure.tier if math.isfinite(ratio) else "")
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
 
 
 def _layer_ratios(report: object) -> Ratios:
-    def finite(value: object) -> float:
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
-
-    sound, sharp = finite(getattr(report, "ratio", 0.0)), finite(getattr(report, "sharp_ratio", 0.0))
-    index = getattr(report, "index", None)
-    where = (f"out at [b, s, D] = {list(index)}: error {getattr(report, 'observed', math.nan):.3g}, "
-             f"bound {getattr(report, 'bound', math.nan):.3g}" if index is not None else "")
-    stages = getattr(report, "stages", None) or {}
-    if stages:
-        worst = max(stages, key=lambda s: finite(stages[s]))
-        where += f"; worst stage {worst} ({finite(stages[worst]):.3g})"
-    relative = getattr(report, "relative_error", None)
-    if isinstance(relative, (int, float)):
-        where += f"; relative error {relative:.3g}"
-    return Ratios(sound, sharp, where.lstrip("; "), f"end to end; relative error {relative:.3g}"
-                  if isinstance(relative, (int, float)) and sharp else "")
+    """Both tiers' ratios of a LayerReport, and where each was reached."""
+    sound_at = (f"{report.worst} at {list(report.index)}: error {report.observed:.3g}, bound {report.bound:.3g}; "
+                f"relative error {report.relative_error:.3g}")
+    sharp_at = f"end to end, row norms; relative error {report.relative_error:.3g}" if report.sharp_ratio else ""
+    return Ratios(_finite(report.ratio), _finite(report.sharp_ratio), sound_at, sharp_at)
 
 
-def _layer_details(report: object, impl: LayerImplementation, case: object) -> dict:
-    label = getattr(report, "precision_class", None)
-    stages = getattr(report, "stages", None) or {}
-    relative = getattr(report, "relative_error", None)
-    return {"precision_class": label or case.dtype, "precision": getattr(report, "precision", None),
-            "stages": {str(k): float(v) for k, v in stages.items() if isinstance(v, (int, float))},
-            "relative_error": float(relative) if isinstance(relative, (int, float)) else None}
+def _layer_details(report: object) -> dict:
+    """What a passing LayerReport adds to its property's report: precision, stages, relative error."""
+    return {"precision_class": report.precision_class, "precision": report.precision,
+            "stages": {str(stage): float(ratio) for stage, ratio in report.stages.items()},
+            "relative_error": float(report.relative_error)}
 
 
 def half_of(impl: object) -> Half:
