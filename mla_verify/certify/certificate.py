@@ -236,7 +236,9 @@ def certificate_markdown(data: dict) -> str:
         lines.append("error/bound is the observed error divided by the bound the case allows; ≤ 1 passes. The max "
                      "columns are over the cases that passed. Sound tier: the layer's worst-case rounding bound at "
                      "its declared precision (stage by stage and end to end); sharp tier: a probabilistic rounding "
-                     "model of the end-to-end error (see mla_verify/layer).")
+                     "model of the end-to-end error (see mla_verify/layer). A stage's bound includes the rounding of "
+                     "its result to the type the layer stores it in: where that rounding dominates (bfloat16, "
+                     "float16), a correct layer reaches a ratio close to 1 by construction.")
         for p in data["properties"]:
             stages = p.get("max_stage_ratios") or {}
             if stages:

@@ -663,7 +663,7 @@ class LayerHalf(Half):
         if not getattr(caps, "both_paths", True):
             gaps.append("absorbed_matches_naive: the layer declares a single path for prefill and decode")
         limits = profile.layer
-        gaps.append(f"more than {limits.max_heads} heads, widths above {limits.max_width}, sequences longer than "
+        gaps.append(f"more than {limits.max_heads} heads, widths above {limits.max_width}, sequences beyond about "
                     f"{limits.max_length} tokens (the {profile.name} profile's limits)")
         for example, count in self.refused_configs.values():
             gaps.append(f"configs the layer does not support ({count} drawn configs skipped), e.g.: {example}")
