@@ -59,6 +59,8 @@ def _serve_isolated(connection: multiprocessing.connection.Connection, kind: str
     half = half_of(impl)
     while (request := connection.recv()) is not None:
         prop_name, case_dict, device = request
+        if device == "cpu":
+            torch.set_num_threads(1)  # as in the parent: small cases, 1 intra-op thread is fastest
         try:
             reply = "ok", half.judge(impl, half.property_named(prop_name), half.case_from_dict(case_dict), device)
         except CaseRefused as refused:
