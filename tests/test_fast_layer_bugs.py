@@ -13,6 +13,7 @@ import torch
 
 from mla_verify.config import MLAConfig
 from mla_verify.impls.fast_layer import FastMLALayer
+from mla_verify.reference import apply_rope, rope_cos_sin
 from mla_verify.impls.torch_decode import torch_paged_decode
 from mla_verify.layer import STAGES, LayerCase, LayerFailure, absorbed_matches_naive, check_layer
 
@@ -63,6 +64,29 @@ def test_a_softmax_scale_off_by_half_a_percent_is_caught_in_float32():
     assert caught.value.kind == "attention"
 
 
+class _KeyRopeOtherLayout(FastMLALayer):
+    """RoPE applied to the key in the other layout (halves for interleaved), the query's right."""
+
+    def _project(self, x, start):
+        q_nope, q_pe, rows = super()._project(x, start)
+        c = self.config
+        cos, sin = rope_cos_sin(c, torch.arange(start, start + x.shape[1]))
+        other = "halves" if c.rope_layout == "interleaved" else "interleaved"
+        k_pe = apply_rope(self._intermediates["k_pe_raw"], cos, sin, other).to(self.dtype)
+        self._intermediates["k_pe"] = k_pe
+        return q_nope, q_pe, torch.cat((rows[..., :c.kv_lora_rank], k_pe), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rope_layout_swapped_on_the_key_side_only_fails_the_rope_stage(dtype):
+    def build(config, weights, dtype, device="cpu"):
+        return _KeyRopeOtherLayout(config, weights, dtype, device, decode_kernel=torch_paged_decode, page_size=16)
+
+    with pytest.raises(LayerFailure) as caught:
+        check_layer(build, CASE.replace(dtype=dtype))
+    assert caught.value.kind == "rope" and caught.value.stage == "rope" and caught.value.ratio > 1
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_decode_agrees_with_prefill_in_every_dtype_and_a_decode_only_bug_breaks_it(dtype):
     case = CASE.replace(dtype=dtype)
@@ -77,6 +101,7 @@ TRITON_IN_LAYER = textwrap.dedent('''
     import torch
     from mla_verify.config import MLAConfig
     from mla_verify.impls.fast_layer import FastMLALayer
+from mla_verify.reference import apply_rope, rope_cos_sin
     from mla_verify.kernels.triton_decode import triton_paged_decode
     from mla_verify.layer import LayerCase, check_layer
 

@@ -70,7 +70,7 @@ def test_hf_attention_meets_its_declared_precision(variant, config_name):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hf_attention_in_bf16_meets_its_declared_precision_stage_by_stage(variant, config_name):
     report = check_layer(_spec(variant), _case(CONFIGS[config_name]).replace(dtype="bfloat16"))
-    assert set(report.stages) == {"q path", "latent path", "rope + attention", "output projection"}
+    assert set(report.stages) == {"q path", "latent path", "rope", "rope + attention", "output projection"}
     assert report.precision_class.startswith("bfloat16")
 
 
@@ -161,9 +161,10 @@ def _decode_positions_lag_by_one(layer):
 
 MUTANTS = {"scale x1.005": _scale_off_by_half_a_percent, "other rope layout": _other_rope_layout,
            "no kv_norm": _no_kv_norm, "no q_norm": _no_q_norm, "stale decode positions": _decode_positions_lag_by_one}
-# the stage each bug shows in: HF's RoPE is functional code inside the module, so it is judged with attention
-EXPECTED_STAGE = {"scale x1.005": "rope + attention", "other rope layout": "rope + attention",
-                  "no kv_norm": "latent path", "no q_norm": "q path", "stale decode positions": "rope + attention"}
+# the stage each bug shows in: the key's RoPE is read from HF's cache ("rope"); the query's is functional code
+# inside the module, judged with attention ("rope + attention")
+EXPECTED_STAGE = {"scale x1.005": "rope + attention", "other rope layout": "rope",
+                  "no kv_norm": "latent path", "no q_norm": "q path", "stale decode positions": "rope"}
 
 
 @needs_transformers

@@ -45,9 +45,10 @@ Declared internal precision (`hf_precision(variant, dtype)`: what HF computes in
 
 Intermediates: the adapter exposes q (q_b_proj or q_proj output), latent (kv_a_layernorm output),
 k_pe_raw (the last d_r columns of kv_a_proj_with_mqa's output) and o (o_proj's input) through
-forward hooks (mla_verify.layer.capture_submodules); RoPE is functional code inside the module, so
-the rope and attention stages are judged together. V2 with a 'halves' config un-permutes the rope
-columns of q and k_pe_raw. HF's decode runs the naive path over a DynamicCache of expanded K and V,
+forward hooks (mla_verify.layer.capture_submodules), and k_pe from the DynamicCache (HF 5 caches the
+latent and the rotated rope key). The query's RoPE is functional code inside the module, so q_pe is
+not exposed and the query side of RoPE is judged with attention ("rope + attention"), the key side
+on its own ("rope"). V2 with a 'halves' config un-permutes the rope columns of q, k_pe_raw and k_pe. HF's decode runs the naive path over a DynamicCache of expanded K and V,
 so prefill and decode are the same computation (`capabilities.both_paths` is False).
 """
 
@@ -225,14 +226,33 @@ class HFDeepseekAttention:
         if self._capture is None:
             return {}
         found = self._capture.intermediates()
+        k_pe = self._cached_rope_key()
+        if k_pe is not None:
+            found["k_pe"] = k_pe
         if self._rope_order is not None:
             dn = self.config.qk_nope_head_dim
             if "q" in found:
                 q = found["q"]
                 found["q"] = torch.cat((q[..., :dn], q[..., dn:][..., self._rope_order.to(q.device)]), dim=-1)
-            if "k_pe_raw" in found:
-                found["k_pe_raw"] = found["k_pe_raw"][..., self._rope_order.to(found["k_pe_raw"].device)]
+            for key in ("k_pe_raw", "k_pe"):
+                if key in found:
+                    found[key] = found[key][..., self._rope_order.to(found[key].device)]
         return found
+
+    def _cached_rope_key(self) -> torch.Tensor | None:
+        """The rotated rope key of the last call's tokens, read from the DynamicCache (HF 5 caches
+        the latent and the rotated rope key, [b, 1, T, d_r]); V3 with rope_interleave stores the
+        rotated pairs as [firsts | seconds], put back in pairs. None where the cache is not laid
+        out that way."""
+        layers = getattr(self.cache, "layers", None)
+        values = getattr(layers[0], "values", None) if layers else None
+        dr = self.config.qk_rope_head_dim
+        if not isinstance(values, torch.Tensor) or values.dim() != 4 or values.shape[-1] != dr or values.shape[1] != 1:
+            return None
+        k_pe = values[:, 0, -self._last_tokens:]
+        if self.version == "v3" and self.hf_config.rope_interleave:
+            k_pe = torch.stack((k_pe[..., :dr // 2], k_pe[..., dr // 2:]), dim=-1).flatten(-2)
+        return k_pe.detach().clone()
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         self.cache = self._cache_class(config=self.hf_config)
@@ -259,6 +279,7 @@ class HFDeepseekAttention:
         if self._capture is not None:
             self._capture.clear()
         s = x.shape[1]
+        self._last_tokens = s
         position_ids = torch.arange(self.position, self.position + s, device=self.device)[None]
         mask = self._masks.create_causal_mask(config=self.hf_config, inputs_embeds=x, attention_mask=None,
                                               cache=self.cache, position_ids=position_ids)
