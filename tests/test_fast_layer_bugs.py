@@ -101,7 +101,6 @@ TRITON_IN_LAYER = textwrap.dedent('''
     import torch
     from mla_verify.config import MLAConfig
     from mla_verify.impls.fast_layer import FastMLALayer
-from mla_verify.reference import apply_rope, rope_cos_sin
     from mla_verify.kernels.triton_decode import triton_paged_decode
     from mla_verify.layer import LayerCase, check_layer
 

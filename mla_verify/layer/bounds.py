@@ -29,9 +29,10 @@ order terms kept):
 - RMSNorm over n: the operand cast to the norm's type (when coarser), the mean of squares (squares,
   the sum γ_n(u_s), the division and + eps: a relative (1 + u)³(1 + γ_n) − 1) plus the operand's
   own error perturb the mean square by a relative δ; rsqrt moves by (1 − δ)^(−1/2)·(1 + 2u) − 1
-  (within an ulp); then a·r (a product), the result rounded to the stored type (HF casts it back to
-  the module dtype before the weight product), times the weight (a product), rounded again. A layer
-  that rounds once (the fast layer) is allowed one rounding more than it makes.
+  (within an ulp); then a·r (a product; never off by more than |a·r| + √n, since |a_j|·r ≤ √n), the
+  result rounded to the stored type (HF casts it back to the module dtype before the weight
+  product), times the weight (a product), rounded again. A layer that rounds once (the fast layer)
+  is allowed one rounding more than it makes.
 - RoPE: the inverse frequency f_j = θ^(−2j/d_r) at the rope type has relative error
   (ln θ·2j/d_r + 3)·u (the rounded exponent amplified by the power; the power and the reciprocal);
   with YaRN the interpolated frequency and the ramp blend add theirs (`_inv_freq_error`); the angle
@@ -43,13 +44,20 @@ order terms kept):
   (1 + u_sc)³(1 + γ_d(u_s)) − 1 (which also covers a scale applied to q, or as √scale to both q and
   k, as torch's SDPA math path does), rounded to the scores' stored type (eager: the module dtype),
   then the scale's product in the coarser of the scores and stored types.
-- softmax: every exponent s_t − max is off by at most ε = max_t(Δs_t + u(|s_t| + |max| + |s_t − max|))
-  + |log(1 − u_exp)| + 2u(|max| + ln L) (exp within u_exp; a normaliser through the log-sum-exp adds
-  the log's and the max's rounding), which moves every probability by a factor within e^{±2ε}; the
-  normaliser's sum (γ over 2L + 4 terms: an online softmax may rescale its running sum once per key),
-  the division and the cast back give ρ = exp(2ε − log(1 − γ) + 2·log(1 + u)) − 1 and |Δp_t| ≤ ρ·p_t;
-  rounding P to its stored type (SDPA's flash kernel and eager attention round it to the module
-  dtype) adds u_p(1 + ρ)·p_t + half the smallest subnormal.
+- softmax, key by key: the exponent s_t − max is off by at most x_t = Δs_t + u(|s_t| + |max| +
+  |s_t − max|) (the cast and the subtraction), so the unnormalised weight moves by a factor within
+  e^{±x_t}(1 ± u_exp), η_t = (1 + u_exp)e^{x_t} − 1. Normalising exactly, p'_t = p_t·f_t/Z with
+  Z = Σ p_t f_t ∈ [1 − η̄, 1 + η̄] (η̄ = Σ_t p_t η_t), so |p'_t − p_t| ≤ p_t(η_t + η̄)/(1 − η̄), and
+  the plain form |p'_t − p_t| ≤ (e^{2ε} − 1)·p_t (ε = max_t x_t + log((1 + u_exp)/(1 − u_exp)))
+  where that is smaller. Since Σ_t (p'_t − p_t) = 0, the output moves by at most
+  Σ_t |p'_t − p_t|·|v_t − o| (centred values: a uniform score error moves nothing). The
+  normaliser's own sum (γ over 2L + 4 terms: an online softmax may rescale its running sum once per
+  key), the division or exp(−lse) (2u(|max| + ln L): the log and the max added back) scale every
+  weight by 1 ± ν; rounding P to its stored type (SDPA's flash kernel and eager attention round it
+  to the module dtype) adds u_p per weight and half the smallest subnormal. Whatever the score
+  errors, the output is Σ_t p̂_t v̂_t with p̂_t ≥ 0 summing to at most S = (1 + ν)(1 + u_p) + L·tiny,
+  so |o' − o| ≤ S·max_t(|v_t − o| + Δv_t) + (S − 1)|o| (the convex hull) caps the bound, which
+  keeps it finite where the scores' errors are too large for the rules above.
 - P·V over L keys: the dot-product rule; the result rounded to the stored type.
 - the attention stage in either form: naive (K and V expanded per head through W_UK, W_UV; SDPA
   prefill, HF's cache) and absorbed (q̃ = q_nope·W_UK rounded to the stored type, attention over the
@@ -147,9 +155,12 @@ class Bounded:
         return Bounded(self.value, torch.maximum(self.error, other.error), sq)
 
     def plus_reference(self, reference: Bounded) -> Bounded:
-        """Add the float64 reference's own error (same value, computed by the f64 analysis)."""
-        sq = None if self.sq is None else self.sq + reference.sq
-        return Bounded(self.value, self.error + reference.error, sq)
+        """Add the float64 reference's own error (same value, computed by the f64 analysis; without
+        its sharp part, its sound bound counts as one contribution)."""
+        if self.sq is None:
+            return Bounded(self.value, self.error + reference.error)
+        extra = reference.sq if reference.sq is not None else reference.error ** 2
+        return Bounded(self.value, self.error + reference.error, self.sq + extra)
 
 
 def _cat(parts: list[Bounded], dim: int = -1) -> Bounded:
@@ -328,7 +339,8 @@ _BLOCK_ELEMENTS = 4_000_000
 def _attend(q: Bounded, k: Bounded, v: Bounded, visible: torch.Tensor, scale: float,
             p: InternalPrecision) -> Bounded:
     """o [b, s, h, c] = softmax(scale·q·kᵀ)·v for q [b, s, h, d], k [b, t, h, d], v [b, t, h, c]
-    (expanded views allowed) over the keys visible [s, t] to each query; queries in blocks."""
+    (expanded views allowed) over the keys visible [s, t] to each query (a prefix of the keys: the
+    causal mask); queries in blocks."""
     b, s, h, _ = q.value.shape
     t, c = k.value.shape[1], v.value.shape[-1]
     step = max(1, _BLOCK_ELEMENTS // max(1, b * h * t * c))
@@ -416,11 +428,12 @@ def _attend_block(q: Bounded, k: Bounded, v: Bounded, visible: torch.Tensor, sca
     # |o' − o| ≤ S·max_t(|v_t − o| + Δv_t) + (S − 1)|o| plus the sum's rounding. This keeps the bound
     # finite (and the convex hull's) where the scores' errors are too large for the rules above.
     total_p = (1 + nu) * (1 + u_p) + tiny_p * keys
-    spread = torch.where(mask[..., None].expand_as(centred), centred.abs() + v.error.permute(0, 2, 1, 3)[:, None],
-                         zero).amax(3)
-    hull = (total_p * spread + (total_p - 1) * o.abs()
-            + ga * total_p * torch.where(mask[..., None].expand_as(centred),
-                                         v.magnitude.permute(0, 2, 1, 3)[:, None], zero).amax(3))
+    last = (visible.sum(-1) - 1).clamp_min(0)  # the visible keys are a prefix (causal): 0 … last
+    highest = torch.cummax(v.value + v.error, dim=1).values[:, last]  # [b, s, h, c] over the visible keys
+    lowest = torch.cummin(v.value - v.error, dim=1).values[:, last]
+    largest = torch.cummax(v.magnitude, dim=1).values[:, last]
+    spread = torch.maximum(highest - o, o - lowest)
+    hull = total_p * spread + (total_p - 1) * o.abs() + ga * total_p * largest
     e_o = torch.minimum(torch.nan_to_num(e_o, nan=math.inf), hull)
 
     sq = None
@@ -486,6 +499,8 @@ class LayerAnalysis:
     precision: InternalPrecision
     given: dict[str, torch.Tensor] = field(default_factory=dict)
     sharp: bool = False
+    # the attention forms the bound covers (the float64 reference is the naive form)
+    forms: tuple[str, ...] = ("naive", "absorbed")
     _memo: dict[str, Bounded] = field(default_factory=dict)
 
     def source(self, name: str) -> Bounded:
@@ -556,6 +571,8 @@ class LayerAnalysis:
         v = _linear(latent, w_uv.reshape(h * dv, dc), w.u_linear, p).map(lambda t: t.view(b, s, h, dv))
         k_rope = k_pe.map(lambda t: t[:, :, None, :].expand(b, s, h, dr))
         naive = _attend(_cat([q_nope, q_pe]), _cat([k_nope, k_rope]), v, visible, c.softmax_scale, p)
+        if "absorbed" not in self.forms:
+            return naive
 
         # absorbed: q̃ = q_nope·W_UK, attention over the latent rows, then W_UV
         q_latent = _contract("bshn,hcn->bshc", q_nope, w_uk.transpose(1, 2), w.u_linear, dn, p)
@@ -598,12 +615,13 @@ def _analyses(config: MLAConfig, weights: MLAWeights, x: torch.Tensor, precision
             x_impl = _round(x_impl, dtype, F64)
         impl = LayerAnalysis(config, _Weights.of(weights, p, rounded=False), x_impl, p, {}, sharp)
         reference = LayerAnalysis(config, _Weights.of(weights, exact, rounded=False), Bounded.exact(x, sharp), exact,
-                                  {}, sharp)
+                                  {}, sharp, ("naive",))
         return impl, reference
     rounded = _Weights.of(weights, p, rounded=True)
     x_rounded = Bounded.exact(x.to(dtype), sharp)
     impl = LayerAnalysis(config, rounded, x_rounded, p, given, sharp)
-    reference = LayerAnalysis(config, _Weights(rounded.w, 0.0, 0.0), x_rounded, exact, given, sharp)
+    reference = LayerAnalysis(config, _Weights(rounded.w, 0.0, 0.0), Bounded.exact(x.to(dtype), False), exact,
+                              given, False, ("naive",))
     return impl, reference
 
 
