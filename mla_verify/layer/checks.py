@@ -22,6 +22,7 @@ from mla_verify.layer.bounds import (CHECKPOINTS, STAGES, LayerBound, layer_erro
 from mla_verify.layer.case import LayerCase
 from mla_verify.layer.contract import (INTERMEDIATES, InternalPrecision, LayerFactory, MLALayer,
                                        intermediate_shape, resolve_factory)
+from mla_verify.reference import MLAWeights
 from mla_verify.rounding import unit_roundoff, worst_ratio
 
 __all__ = ["LAYER_FAILURE_KINDS", "LayerFailure", "LayerReport", "LayerRun", "run_layer", "record_layer",
@@ -125,10 +126,6 @@ def run_layer(layer: MLALayer, case: LayerCase, x: torch.Tensor) -> torch.Tensor
     return record_layer(layer, case, x).out
 
 
-def _ratio_of(error: torch.Tensor, bound: torch.Tensor) -> tuple[float, tuple[int, ...]]:
-    return worst_ratio(error, bound)
-
-
 @dataclass
 class _Check:
     name: str  # the checkpoint
@@ -145,7 +142,7 @@ class _Check:
 def _compare(name: str, stage: tuple[str, ...], impl: torch.Tensor, reference: torch.Tensor,
              bound: torch.Tensor) -> _Check:
     error = (impl - reference).abs()
-    ratio, index = _ratio_of(error, bound)
+    ratio, index = worst_ratio(error, bound)
     at = (lambda t: float(t[index])) if index else (lambda t: 0.0)
     return _Check(name, stage, ratio, index, at(error), at(bound), at(impl), at(reference),
                   bool(torch.isfinite(bound).all()))
@@ -161,7 +158,7 @@ def _kind(stages: tuple[str, ...]) -> str:
     return "end to end" if len(stages) == len(STAGES) else stages[-1]
 
 
-def judge_layer(run: LayerRun, case: LayerCase, weights: torch.Tensor, x: torch.Tensor,
+def judge_layer(run: LayerRun, case: LayerCase, weights: MLAWeights, x: torch.Tensor,
                 precision: InternalPrecision, spec: str | None = None, sharp: bool = True) -> LayerReport:
     """Judge a recorded run (stages, then end to end in both tiers); raises LayerFailure."""
     dtype = case.torch_dtype
@@ -206,7 +203,7 @@ def judge_layer(run: LayerRun, case: LayerCase, weights: torch.Tensor, x: torch.
     sharp_ratio = 0.0
     if sharp and judged.sharp is not None:
         row_error = (run.out - reference).norm(dim=-1)
-        sharp_ratio, at = _ratio_of(row_error, judged.sharp)
+        sharp_ratio, at = worst_ratio(row_error, judged.sharp)
         if not sharp_ratio <= 1:
             raise LayerFailure(
                 f"end to end (sharp tier): ‖out - ref‖ / tolerance = {sharp_ratio:.3g} on row [b, s] = {list(at)}: "
