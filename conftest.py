@@ -5,7 +5,7 @@ import os
 
 from hypothesis import settings
 
-from mla_verify.profiles import PROFILES, hypothesis_settings
+from mla_verify.certify.profiles import PROFILES, hypothesis_settings
 
 
 def pytest_configure(config):

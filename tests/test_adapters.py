@@ -21,7 +21,7 @@ from mla_verify.adapters import MissingDependency
 from mla_verify.decode.contract import capabilities_of, check_signature
 from mla_verify.decode.bounds import RoundingModel, decode_bounds, gamma, unit_roundoff
 from mla_verify.reference import paged_decode_reference, paged_decode_terms
-from mla_verify.registry import ImplementationError, resolve
+from mla_verify.certify.registry import ImplementationError, resolve
 from mla_verify.decode.case import DecodeCase
 
 F64 = torch.float64

@@ -16,7 +16,7 @@ import torch
 from mla_verify.decode.checks import Implementation
 from mla_verify.certify import certify
 from mla_verify.cli import main
-from mla_verify.progress import BarProgress, LineProgress, Progress, progress_for
+from mla_verify.certify.progress import BarProgress, LineProgress, Progress, progress_for
 
 REPO = Path(__file__).resolve().parents[1]
 CONSOLE = Path(sys.executable).with_name("mla-verify")

@@ -179,7 +179,7 @@ def test_mla_layer_runs_the_layer_properties_under_pytest(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "MLA_VERIFY_LAYER": ""})
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "FAILED" in run.stdout and "test_layer_certify.py::test_matches_reference" in run.stdout
+    assert "FAILED" in run.stdout and "test_named_layer.py::test_matches_reference" in run.stdout
     assert "deselected" in run.stdout and "test_decode_kernel" not in run.stdout
     assert "mla_verify counterexamples" in run.stdout and "replay:   mla-verify replay" in run.stdout
     assert any((tmp_path / "cx").iterdir())

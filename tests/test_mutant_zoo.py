@@ -23,8 +23,8 @@ from hypothesis import settings
 from mla_verify.certify import PropertyReport, run_property
 from mla_verify.decode.checks import CaseFailure, FailureKind, Implementation
 from mla_verify.decode.properties import property_named
-from mla_verify.profiles import PROFILES
-from mla_verify.registry import resolve
+from mla_verify.certify.profiles import PROFILES
+from mla_verify.certify.registry import resolve
 from mla_verify.decode.case import DecodeCase
 
 import zoo

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from mla_verify.report import ReportError, render_comparison_html, render_html, write_html  # noqa: E402
+from mla_verify.certify.report import ReportError, render_comparison_html, render_html, write_html  # noqa: E402
 
 PLOTS = ("ratio-distribution", "ratio-vs-length", "ratio-vs-heads", "coverage-map")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

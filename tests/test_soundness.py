@@ -20,8 +20,8 @@ from zoo import legit
 
 from mla_verify.certify import run_property
 from mla_verify.decode.properties import property_named
-from mla_verify.profiles import PROFILES, Profile
-from mla_verify.registry import resolve
+from mla_verify.certify.profiles import PROFILES, Profile
+from mla_verify.certify.registry import resolve
 from mla_verify.decode.case import DecodeCase
 
 CASES_PER_TEST = 5_700

@@ -201,7 +201,7 @@ def _implementation(kernel: Callable | Implementation | str) -> Implementation:
     if isinstance(kernel, Implementation):
         return kernel
     if isinstance(kernel, str):
-        from mla_verify.registry import resolve
+        from mla_verify.certify.registry import resolve
 
         return resolve(kernel)
     if not callable(kernel):
