@@ -25,6 +25,8 @@ import torch
 
 from mla_verify.config import GQAConfig, MLAConfig, yarn_mscale
 from mla_verify.decode.contract import validate_decode_inputs
+from mla_verify.decode.fp8 import dequantize
+from mla_verify.decode.sparse import compact_valid, sink_factor
 
 __all__ = [
     "MLAWeights",
@@ -42,6 +44,10 @@ __all__ = [
     "PagedDecodeTerms",
     "paged_decode_terms",
     "paged_decode_reference",
+    "sparse_decode_terms",
+    "decode_terms",
+    "attn_sink_factor",
+    "decode_reference",
 ]
 
 F64 = torch.float64
@@ -362,3 +368,65 @@ def paged_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     that sees no key has out 0 and lse -inf."""
     terms = paged_decode_terms(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
     return terms.out, terms.lse
+
+
+def sparse_decode_terms(q: torch.Tensor, token_rows: torch.Tensor, indices: torch.Tensor, head_dim_v: int,
+                        softmax_scale: float) -> PagedDecodeTerms:
+    """Sparse decode in float64 over the pool's token rows [num_slots, d] (FP8 dequantised exactly
+    by the caller): query (i, j) attends to the valid entries of indices[i, j] (0 <= index <
+    num_slots; -1 and positive indices past the pool are ignored; a duplicate is one more term).
+
+    The terms are flattened to one query per sequence: batch b·s_q (row i·s_q + j), s_q 1, keys
+    the topk entries with each list's valid ones moved to the front (rows zero past them)."""
+    b, s_q, h_q, d = q.shape
+    num_slots = token_rows.shape[0]
+    slots, valid = compact_valid(indices.to(q.device).reshape(b * s_q, -1), num_slots)  # [b·s_q, topk]
+    rows = token_rows.to(F64)[slots]  # [b·s_q, topk, d]
+    rows = torch.where(valid[..., None], rows, torch.zeros((), dtype=F64, device=rows.device))
+    flat_q = q.to(F64).reshape(b * s_q, 1, h_q, d)
+    scores = torch.einsum("bshd,btd->bsht", flat_q, rows) * softmax_scale
+    visible = valid[:, None, None, :]
+    p, lse = attention_scores_softmax(scores, visible)
+    out = torch.einsum("bsht,btc->bshc", p, rows[..., :head_dim_v])
+    return PagedDecodeTerms(rows=rows, valid=valid, visible=visible, scores=scores, p=p, out=out,
+                            lse=lse.permute(0, 2, 1).contiguous())
+
+
+def decode_terms(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                 head_dim_v: int, softmax_scale: float, causal: bool = False, *, is_fp8_kvcache: bool = False,
+                 k_scale: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> PagedDecodeTerms:
+    """The terms of any decode call of the contract: an FP8 cache is dequantised exactly (float64,
+    the scales as stored) and the dense or the sparse reference runs on it. Sparse terms are
+    flattened to b·s_q single-query sequences (see sparse_decode_terms)."""
+    kv_format = validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v,
+                                       is_fp8_kvcache=is_fp8_kvcache, k_scale=k_scale, indices=indices)
+    d = q.shape[-1]
+    values = dequantize(kv_cache, kv_format, d, head_dim_v, k_scale)  # [n, page, 1, d] float64
+    if indices is not None:
+        return sparse_decode_terms(q, values.reshape(-1, d), indices, head_dim_v, softmax_scale)
+    return paged_decode_terms(q.to(F64), values, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                              causal and indices is None)
+
+
+def attn_sink_factor(lse: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
+    """[b, s_q, h]: exp(lse) / (exp(lse) + exp(sink_h)) for lse [b, h, s_q] (FlashMLA's attention
+    sink; 0 for a +inf sink, 1 for -inf)."""
+    return sink_factor(lse.permute(0, 2, 1), attn_sink)
+
+
+def decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool = False, *,
+                     is_fp8_kvcache: bool = False, k_scale: torch.Tensor | None = None,
+                     indices: torch.Tensor | None = None,
+                     attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole contract in float64 (FP8 caches, sparse indices, sinks): out [b, s_q, h_q,
+    head_dim_v] and lse [b, h_q, s_q] (natural log, not affected by a sink); a row that sees no key
+    has out 0 and lse -inf."""
+    b, s_q, h_q, _ = q.shape
+    terms = decode_terms(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                         is_fp8_kvcache=is_fp8_kvcache, k_scale=k_scale, indices=indices)
+    out = terms.out.reshape(b, s_q, h_q, head_dim_v)
+    lse = terms.lse.reshape(b, s_q, h_q).permute(0, 2, 1) if indices is not None else terms.lse
+    if attn_sink is not None:
+        out = out * attn_sink_factor(lse, attn_sink)[..., None]
+    return out, lse

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from mla_verify.cache_sizes import (bytes_per_token_layer, bytes_per_token_model, cache_table,
-                                    fp8_mla_bytes_per_token_layer, mla_elements_per_token_layer,
+from mla_verify.cache_sizes import (INDEXER_PRESETS, bytes_per_token_layer, bytes_per_token_model, cache_table,
+                                    fp8_mla_bytes_per_token_layer, fp8_per_tensor_bytes_per_token_layer,
+                                    indexer_bytes_per_token_layer, mla_elements_per_token_layer,
                                     mla_expanded_elements_per_token_layer, reduction)
 from mla_verify.cli import main
 from mla_verify.config import gqa_preset, mla_preset
@@ -19,6 +20,17 @@ def test_v3_per_token_per_layer_figures():
     assert mla_expanded_elements_per_token_layer(V3) == 40_960
     assert round(40_960 / 576) == 71
     assert fp8_mla_bytes_per_token_layer(V3) == 656  # 512 e4m3 + 4 float32 scales + 64 bf16
+    assert fp8_per_tensor_bytes_per_token_layer(V3) == 576  # 576 e4m3 (one float32 scale per layer)
+
+
+def test_v32_sparse_fp8_figures():
+    """DeepSeek-V3.2: the 656-byte latent row plus its indexer's 128 e4m3 + one float32 scale."""
+    indexer = INDEXER_PRESETS["DeepSeek-V3.2"]
+    assert indexer_bytes_per_token_layer(indexer) == 132
+    row = cache_table()["sparse_fp8"]["DeepSeek-V3.2"]
+    assert row["fp8_total_per_layer"] == 656 + 132 == 788
+    assert row["fp8_total_per_model"] == 788 * 61
+    assert cache_table()["mla"]["DeepSeek-V3"]["fp8_per_model"] == 656 * 61
 
 
 def test_whole_model_bytes_per_token():
@@ -51,7 +63,8 @@ def test_element_type_scales_bytes():
 def test_cache_table_command_states_the_claim(capsys):
     assert main(["cache-table"]) == 0
     text = capsys.readouterr().out
-    for figure in ("71.875%", "73.19%", "78.55%", "68.6 KiB", "256.0 KiB", "320.0 KiB"):
+    for figure in ("71.875%", "73.19%", "78.55%", "68.6 KiB", "256.0 KiB", "320.0 KiB", "656 B", "132 B",
+                   "788 B"):
         assert figure in text
 
 

@@ -33,6 +33,14 @@ gives out NaN (0/0 in stage 2, unguarded) and lse −inf; the adapter does not r
 query head the kernel takes its MHA path, whose scores are input-type products summed with tl.sum:
 run through this adapter under the Triton interpreter (fp16, CPU), that case's lse was 17× over the
 fp32-accumulation bound, while 16- and 17-head cases passed.
+
+FP8 (`sglang_triton_fp8_decode`, the per-tensor fp8_e4m3 cache with k_scale, and attention sinks):
+decode_attention_fwd folds k_scale into sm_scale (scores from the raw e4m3 keys converted exactly to
+q's dtype) and multiplies the merged output by v_scale (the same k_scale: one latent cache); sinks go
+to its `sinks` argument, which adds exp(sink − max) to the merged sum (the contract's sink). Its
+grouped kernel computes P·V as tl.dot(p.to(v.dtype), v) with V the raw e4m3 values, so P is rounded to
+e4m3 (3 mantissa bits, weights below 2^-9 of the row's maximum flushed): declared as
+p_dtype=float8_e4m3fn, which is what it does, and no dequantisation rounding (dequant_dtype float32).
 """
 
 from __future__ import annotations
@@ -47,9 +55,10 @@ import torch
 from mla_verify.adapters import (DECODE_ADAPTERS, bind_by_name, expand_query_rows, load_module, merge_split_lse,
                                  parameter_names, split_is_nonempty)
 from mla_verify.adapters.vllm import HEAD_DIMS, check_page_layout, rows_to_contract_lse
-from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, Declined, declare, validate_decode_inputs
 
-__all__ = ["sglang_triton_decode", "MAX_KV_SPLITS", "token_slots", "token_rows", "Scratch", "scratch_for"]
+__all__ = ["sglang_triton_decode", "sglang_triton_fp8_decode", "MAX_KV_SPLITS", "token_slots", "token_rows", "Scratch",
+           "scratch_for", "scale_arguments"]
 
 _ADAPTER = DECODE_ADAPTERS["sglang-triton"]
 MODULE = "sglang.srt.layers.attention.triton_ops.decode_attention"
@@ -107,14 +116,49 @@ def scratch_for(parameters: tuple[str, ...], rows: int, heads: int, head_dim_v: 
     return Scratch((rows, heads, splits, head_dim_v + 1), None, "max_kv_splits" in parameters)
 
 
-@declare(Capabilities(dtypes=(torch.bfloat16, torch.float16), devices=("cuda",), page_sizes=None, max_heads=128,
-                      max_s_q=16, causal=True, head_dims=HEAD_DIMS, lse_base="e", empty_row_lse=-math.inf,
-                      deterministic=True, strided_cache=True))
+def scale_arguments(parameters: tuple[str, ...], k_scale: torch.Tensor | None,
+                    attn_sink: torch.Tensor | None) -> dict[str, object]:
+    """k_scale and v_scale (floats: 1 for a native cache, the per-tensor FP8 scale otherwise) and the
+    sinks, for the installed decode_attention_fwd; a case it cannot take is declined."""
+    scale = 1.0 if k_scale is None else float(k_scale.reshape(()).to(torch.float32))
+    if k_scale is not None and "k_scale" not in parameters:
+        raise Declined("the installed SGLang's decode_attention_fwd takes no k_scale (no FP8 cache support)")
+    arguments: dict[str, object] = {"k_scale": scale, "v_scale": scale}
+    if attn_sink is not None:
+        if "sinks" not in parameters:
+            raise Declined("the installed SGLang's decode_attention_fwd takes no sinks")
+        arguments["sinks"] = attn_sink.to(torch.float32).contiguous()
+    return arguments
+
+
+CAPABILITIES = Capabilities(dtypes=(torch.bfloat16, torch.float16), devices=("cuda",), page_sizes=None, max_heads=128,
+                            max_s_q=16, causal=True, head_dims=HEAD_DIMS, lse_base="e", empty_row_lse=-math.inf,
+                            deterministic=True, strided_cache=True)
+
+
+@declare(CAPABILITIES)
 def sglang_triton_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                          cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
                          causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SGLang's decode_attention_fwd on the contract's tensors (see the module docstring)."""
-    validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    return _decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+
+
+@declare(CAPABILITIES.replace(kv_formats=("fp8_e4m3",), attn_sink=True, p_dtype=torch.float8_e4m3fn,
+                              dequant_dtype=torch.float32))
+def sglang_triton_fp8_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                             cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool = False,
+                             *, k_scale: torch.Tensor | None = None,
+                             attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGLang's decode_attention_fwd on a per-tensor FP8 latent cache, with sinks (see the module docstring)."""
+    return _decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, k_scale=k_scale,
+                   attn_sink=attn_sink)
+
+
+def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+            head_dim_v: int, softmax_scale: float, causal: bool, k_scale: torch.Tensor | None = None,
+            attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v, k_scale=k_scale, attn_sink=attn_sink)
     tokens = token_rows(kv_cache)
     module = _decode_module()
     decode_attention_fwd = module.decode_attention_fwd
@@ -133,7 +177,7 @@ def sglang_triton_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     kwargs = bind_by_name(names, dict(
         q=q.flatten(0, 1), k_buffer=tokens, v_buffer=tokens[..., :head_dim_v], o=o, kv_indptr=kv_indptr,
         kv_indices=kv_indices, attn_logits=attn_logits, attn_lse=attn_lse, num_kv_splits=splits,
-        max_kv_splits=MAX_KV_SPLITS, sm_scale=softmax_scale, k_scale=1.0, v_scale=1.0),
+        max_kv_splits=MAX_KV_SPLITS, sm_scale=softmax_scale, **scale_arguments(names, k_scale, attn_sink)),
         required=("q", "k_buffer", "v_buffer", "o", "kv_indptr", "kv_indices", "attn_logits", "num_kv_splits",
                   "sm_scale"))
     decode_attention_fwd(**kwargs)

@@ -33,6 +33,14 @@ summed with tl.sum, not an fp32-accumulating tl.dot: expect its lse to exceed th
 bound there (seen with SGLang's identical kernel). An empty row (L = 0) is not guarded by the kernel:
 stage 2 divides 0 by 0, so out is NaN while lse is −inf; vLLM never sends an empty sequence, the
 contract does, and the adapter does not repair it — the certificate reports it.
+
+FP8 (`vllm_triton_fp8_decode`, the contract's per-tensor fp8_e4m3 cache with k_scale): the same
+function with `k_scale` (a float32 tensor of one element; vLLM passes layer._k_scale, and the latent
+cache's one scale serves K and V). Its grouped kernel dequantises K as (e4m3 → float32)·k_scale and
+converts it to q's dtype for the tensor-core dot, and V as (e4m3 → float32)·k_scale kept in float32
+(its P·V dot then runs in TF32, P and V rounded to 10 bits): declared as dequantisation to the input
+type (bf16 ≥ TF32 rounding) and P in the input type. A vLLM whose decode_attention_fwd has no k_scale
+declines the case.
 """
 
 from __future__ import annotations
@@ -45,9 +53,10 @@ import torch
 
 from mla_verify.adapters import (DECODE_ADAPTERS, bind_by_name, expand_query_rows, load_module, merge_split_lse,
                                  parameter_names, split_is_nonempty)
-from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.contract import Capabilities, Declined, declare, validate_decode_inputs
 
-__all__ = ["vllm_triton_decode", "NUM_KV_SPLITS", "scratch_shape", "rows_to_contract_lse", "check_page_layout"]
+__all__ = ["vllm_triton_decode", "vllm_triton_fp8_decode", "NUM_KV_SPLITS", "scratch_shape", "rows_to_contract_lse",
+           "check_page_layout", "fp8_arguments"]
 
 _ADAPTER = DECODE_ADAPTERS["vllm-triton"]
 MODULES = ("vllm.v1.attention.ops.triton_decode_attention", "vllm.attention.ops.triton_decode_attention")
@@ -88,14 +97,41 @@ def check_page_layout(kv_cache: torch.Tensor) -> None:
                          f"(stride(0) == page_size·stride(1)); got strides {kv_cache.stride()}")
 
 
-@declare(Capabilities(dtypes=(torch.bfloat16, torch.float16), devices=("cuda",), page_sizes=None, max_heads=128,
-                      max_s_q=16, causal=True, head_dims=HEAD_DIMS, lse_base="e", empty_row_lse=-math.inf,
-                      deterministic=True, strided_cache=True))
+def fp8_arguments(parameters: tuple[str, ...], k_scale: torch.Tensor | None) -> dict[str, object]:
+    """The FP8 keyword of decode_attention_fwd: {"k_scale": tensor} for an fp8_e4m3 cache; the case is
+    declined when the installed function takes no k_scale."""
+    if k_scale is None:
+        return {}
+    if "k_scale" not in parameters:
+        raise Declined("the installed vLLM's decode_attention_fwd takes no k_scale (no FP8 cache support)")
+    return {"k_scale": k_scale.reshape(1).to(torch.float32)}
+
+
+CAPABILITIES = Capabilities(dtypes=(torch.bfloat16, torch.float16), devices=("cuda",), page_sizes=None, max_heads=128,
+                            max_s_q=16, causal=True, head_dims=HEAD_DIMS, lse_base="e", empty_row_lse=-math.inf,
+                            deterministic=True, strided_cache=True)
+
+
+@declare(CAPABILITIES)
 def vllm_triton_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                        cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
                        causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's decode_attention_fwd on the contract's tensors (see the module docstring)."""
-    validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    return _decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+
+
+@declare(CAPABILITIES.replace(kv_formats=("fp8_e4m3",)))
+def vllm_triton_fp8_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                           cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool = False, *,
+                           k_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's decode_attention_fwd on a per-tensor FP8 latent cache (see the module docstring)."""
+    return _decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, k_scale=k_scale)
+
+
+def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+            head_dim_v: int, softmax_scale: float, causal: bool,
+            k_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v, k_scale=k_scale)
     check_page_layout(kv_cache)
     decode_attention_fwd = _decode_attention_fwd()
     b, s_q, h, d = q.shape
@@ -109,7 +145,7 @@ def vllm_triton_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
     kwargs = bind_by_name(names, dict(
         q=q.flatten(0, 1), k_buffer=kv_cache, v_buffer=kv_cache[..., :head_dim_v], o=o, lse=lse,
         req_to_token=block_rows, b_seq_len=seqlens_rows, attn_logits=attn_logits, num_kv_splits=NUM_KV_SPLITS,
-        sm_scale=softmax_scale, page_size=kv_cache.shape[1]),
+        sm_scale=softmax_scale, page_size=kv_cache.shape[1], **fp8_arguments(names, k_scale)),
         required=("q", "k_buffer", "v_buffer", "o", "req_to_token", "b_seq_len", "attn_logits", "num_kv_splits",
                   "sm_scale", "page_size"))
     decode_attention_fwd(**kwargs)

@@ -19,11 +19,28 @@ below covers only the kernel's own arithmetic. The model of a correct kernel:
   multiplies by exp(−lse) of its own lse (error of the order η): either way the output is scaled by
   1 + ν with ν = γ_{L+8} + η, giving B_c = ν·(|o_c| + A_c).
 - the P·V product: P may be rounded to the input type (relative u_p = u_in, and an absolute
-  ≤ ½·(smallest subnormal) for weights that underflow), accumulated over L keys:
-      C_c = (u_p + γ_{L+2})·(1 + ρ)(1 + ν)·Σ_t p_t|v_tc| + tiny_in·Σ_t |v_tc|.
+  ≤ ½·(smallest subnormal) of the input or P type for weights that underflow: 2^-10 when P is
+  rounded to e4m3, as SGLang's Triton kernel does against an FP8 V), accumulated over L keys:
+      C_c = (u_p + γ_{L+2})·(1 + ρ)(1 + ν)·Σ_t p_t|v_tc| + tiny_p·Σ_t |v_tc|.
 - the output is rounded to its type: ≤ u_out·(|o_c| + A_c + B_c + C_c) + tiny_out.
 lse: lse is 1-Lipschitz in the scores' max-norm, so |Δlse| ≤ E + log(1 + u_exp) + γ_{L+8}
   + 6·u_a·(|lse| + max_t|s_t|) (log, base change and max added back) + u_lse·|lse| (stored as float32).
+
+FP8 caches. The reference uses the exactly dequantised values (e4m3 × float32 scale in float64). A
+kernel rounds each dequantised value it uses to its dequantisation type (u_dq: bf16 for FlashMLA's
+tensor-core path, float32 for a float32 multiply; `Capabilities.dequant_dtype`, default the input
+type): |k̂_tj − k_tj| ≤ u_dq·|k_tj| + tiny_dq. So every score errs by u_dq·(1 + γ_d)·S_t more (plus
+the subnormal floor tiny_dq·scale·Σ_j|q_j|), and P·V by u_dq·Σ_t p_t|v_tc| (+ tiny_dq) more, in the
+sound tier; in the sharp tier the score term joins c_g and the V rounding is one more independent
+vector sum, (u_dq/√3)·sqrt(Σ_g P_g²‖v_g‖²) at its root mean square. For a power-of-two scale the
+product is exact in any of these types and the terms are slack.
+
+Attention sink (`with_attn_sink`). The output is o·σ with σ = 1/(1 + exp(sink − lse)); σ is
+σ(1 − σ)-Lipschitz in lse, and over an lse error Δ its slope changes by at most e^{2Δ}, so the
+kernel's σ' (from its own lse or running sum, error ≤ Δ) has |σ' − σ| ≤ σ(1 − σ)·Δ·e^{2Δ} + 4·u_a·σ
+(its exp, add and divide), plus the smallest normal of the accumulation type (σ may flush to 0
+below it). The bounds become σ·bound + (|o| + pre)·|Δσ| + tiny_out, with the lse
+bound (sound) or the sharp lse tolerance (sharp) as Δ. A +inf sink (σ = 0) demands out 0 exactly.
 
 Every term is a worst-case (not probabilistic) bound, so a correct kernel never exceeds it; the
 terms scale with the case (d, L, |q||k|, the spread and size of V, the types), so a scale off by
@@ -89,7 +106,7 @@ import torch
 from mla_verify.reference import PagedDecodeTerms
 
 __all__ = ["unit_roundoff", "smallest_subnormal", "gamma", "TAIL", "RoundingModel", "DecodeBounds",
-           "decode_bounds"]
+           "decode_bounds", "with_attn_sink"]
 
 F64 = torch.float64
 EXP_RELATIVE_ERROR = {torch.float32: 2.0 ** -21, torch.float64: 2.0 ** -50}
@@ -129,12 +146,15 @@ class RoundingModel:
     p: torch.dtype
     partials: torch.dtype | None = None
     merged_partials: int = 1
+    # the type a dequantised FP8 cache value is rounded to; None for a native cache (no rounding)
+    dequant: torch.dtype | None = None
 
     @classmethod
-    def of(cls, capabilities, input_dtype: torch.dtype) -> RoundingModel:
+    def of(cls, capabilities, input_dtype: torch.dtype, kv_format: str = "native") -> RoundingModel:
         return cls(input=input_dtype, accumulation=capabilities.accumulation_for(input_dtype), output=input_dtype,
                    p=capabilities.p_rounding_for(input_dtype), partials=capabilities.partials_dtype,
-                   merged_partials=capabilities.merged_partials)
+                   merged_partials=capabilities.merged_partials,
+                   dequant=capabilities.dequant_for(input_dtype) if kv_format != "native" else None)
 
 
 @dataclass
@@ -161,7 +181,11 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     u_in, tiny_in = unit_roundoff(model.input), smallest_subnormal(model.input) / 2
     u_out, tiny_out = unit_roundoff(model.output), smallest_subnormal(model.output) / 2
     u_p = unit_roundoff(model.p)
+    # weights that underflow when P is rounded: half a subnormal of the P type (e4m3 P: 2^-10)
+    tiny_p = max(tiny_in, smallest_subnormal(model.p) / 2)
     u_part = unit_roundoff(model.partials) if model.partials is not None else 0.0
+    u_dq = unit_roundoff(model.dequant) if model.dequant is not None else 0.0
+    tiny_dq = smallest_subnormal(model.dequant) / 2 if model.dequant is not None else 0.0
     u_exp = EXP_RELATIVE_ERROR.get(model.accumulation, 4 * u_a)
     u_lse = unit_roundoff(torch.float32)
     d = q.shape[-1]
@@ -173,7 +197,10 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     abs_dot = torch.einsum("bshd,btd->bsht", q.to(F64).abs(), rows.abs()) * abs(softmax_scale)  # S_t
     abs_scores = scores.abs()
     max_abs_score = _masked_max(abs_scores, visible)  # [b, s, h]
-    score_error = gamma(d, u_a) * abs_dot + 4 * u_a * max_abs_score[..., None]
+    # dequantisation: each cache value off by u_dq relative (+ tiny_dq), before the length-d dot
+    abs_q = q.to(F64).abs().sum(-1) * abs(softmax_scale)  # [b, s, h]
+    dequant_error = u_dq * (1 + gamma(d, u_a)) * abs_dot + tiny_dq * (1 + gamma(d, u_a)) * abs_q[..., None]
+    score_error = gamma(d, u_a) * abs_dot + 4 * u_a * max_abs_score[..., None] + dequant_error
     E = _masked_max(score_error, visible)  # [b, s, h]
     eta = (1 + u_exp) * torch.exp(E) - 1
     rho = torch.where(eta < 1, 2 * eta / (1 - eta), torch.full_like(eta, math.inf))
@@ -186,11 +213,11 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     spread = torch.where(torch.isfinite(spread), spread, torch.zeros_like(spread))  # [b, c]; 0 when empty
     weighted_abs = torch.einsum("bsht,btc->bshc", p, values.abs())  # Σ_t p_t|v_tc|
     A = torch.minimum(torch.clamp(rho, max=2.0)[..., None] * 0.5 * spread[:, None, None, :],
-                      rho[..., None] * weighted_abs)
+                      _times(rho[..., None], weighted_abs))
     B = nu[..., None] * (terms.out.abs() + A)
     sum_abs = values.abs().sum(1)[:, None, None, :]  # [b, 1, 1, c]
-    C = ((u_p + u_part + gamma(lengths + 2, u_a)[:, None, None, None]) * (1 + rho[..., None]) * (1 + nu[..., None])
-         * weighted_abs + tiny_in * sum_abs)
+    C = (_times((u_p + u_part + u_dq + gamma(lengths + 2, u_a)[:, None, None, None]) * (1 + rho[..., None])
+                * (1 + nu[..., None]), weighted_abs) + tiny_p * sum_abs + tiny_dq)
     pre = A + B + C
     out_bound = pre + u_out * (terms.out.abs() + pre) + tiny_out
 
@@ -202,7 +229,7 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
 
     # --- the sharp tier -------------------------------------------------------------------------
     keys = _distinct_keys(rows, terms.valid)
-    c = gamma(d, u_a) * abs_dot + 4 * u_a * abs_scores  # per-score worst case c_t
+    c = gamma(d, u_a) * abs_dot + 4 * u_a * abs_scores + dequant_error  # per-score worst case c_t
     bias = (math.ceil(d / MMA_STEP) * 2 * u_a) * abs_scores  # one-signed truncation, per score
     P2 = keys.squared_group_mass(p)  # P_g·p_t: Σ_t P_{g(t)}·p_t·f_t = Σ_g P_g²·f_g
     n = lengths[:, None, None]
@@ -225,7 +252,8 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
 
     # rounding to nearest leaves an error uniform within half an ulp: RMS ≤ u/√3, never more than u
     p_rounding = (u_p * torch.clamp(TAIL * mass_sq.sqrt(), max=1.0) * o_norm
-                  + vector_sum(u_p / math.sqrt(3), u_p))
+                  + vector_sum(u_p / math.sqrt(3), u_p)
+                  + smallest_subnormal(model.p) / 2 * v_sq.sqrt().sum(-1)[:, None, None])
     through_softmax = vector_sum(c, c) + (p * bias * w_norm).sum(-1)
     # P·V partial sums, and the normaliser: a kernel divides by its own row sum or multiplies by
     # exp(−lse) of its own lse, whose error beyond the score average is the lse's sum/log/store terms
@@ -234,7 +262,12 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     if u_part:
         spread_partials = o_norm + model.merged_partials * (P2 * v_sq[:, None, None, :]).sum(-1).sqrt()
         partials = u_part * torch.minimum(spread_partials, (p * v_sq.sqrt()[:, None, None, :]).sum(-1))
-    sharp_pre = p_rounding + through_softmax + accumulation + partials
+    dequantised_v = torch.zeros_like(o_norm)
+    if u_dq:  # each V value rounded once, independently per key: a vector sum over the keys
+        v_norm = v_sq.sqrt()[:, None, None, :]
+        dequantised_v = torch.minimum(VECTOR_SPREAD * (u_dq / math.sqrt(3)) * (P2 * v_norm ** 2).sum(-1).sqrt(),
+                                      u_dq * (p * v_norm).sum(-1)) + tiny_dq * math.sqrt(head_dim_v)
+    sharp_pre = p_rounding + through_softmax + accumulation + partials + dequantised_v
     half_ulp = _half_ulp(o.abs() * (1 + 4 * u_out) + sharp_pre[..., None] / math.sqrt(head_dim_v), model.output)
     rounding = (half_ulp ** 2).sum(-1).sqrt()
     # the output rounding and the error before it add as two independent random vectors: in quadrature,
@@ -252,6 +285,41 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     sharp_lse = torch.where(has_key, torch.minimum(sharp_lse, lse_bound), zero)
     return DecodeBounds(out=out_bound, lse=lse_bound.permute(0, 2, 1).contiguous(), sharp_out=sharp_out,
                         sharp_lse=sharp_lse.permute(0, 2, 1).contiguous())
+
+
+def with_attn_sink(bounds: DecodeBounds, out: torch.Tensor, lse: torch.Tensor, sigma: torch.Tensor,
+                   model: RoundingModel) -> DecodeBounds:
+    """Both tiers for an output multiplied by the sink factor sigma [b, s, h] (see the module
+    docstring); out [b, s, h, c] and lse [b, h, s] are the reference before the sink. The lse
+    bounds are unchanged (a sink does not touch the lse)."""
+    u_a = unit_roundoff(model.accumulation)
+    tiny_out = smallest_subnormal(model.output) / 2
+    sigma = sigma.to(F64)
+
+    # σ computed in the accumulation type may flush to 0 below its smallest normal (exp and divide
+    # with flush-to-zero): an absolute floor on |Δσ|
+    sigma_floor = torch.finfo(model.accumulation).smallest_normal
+
+    def moved(delta: torch.Tensor) -> torch.Tensor:  # |Δσ| for an lse error delta [b, s, h]
+        delta = delta.clamp(max=350.0)  # beyond it e^{2Δ}·Δ overflows and the bound is vacuous anyway
+        return sigma * (1 - sigma) * delta * torch.exp(2 * delta) + 4 * u_a * sigma + sigma_floor
+
+    sound = moved(bounds.lse.permute(0, 2, 1))
+    sharp = moved(bounds.sharp_lse.permute(0, 2, 1))
+    u_out = unit_roundoff(model.output)
+    pre = bounds.out / (1 + u_out)  # the bound before the output rounding is at most this
+    out_bound = sigma[..., None] * bounds.out + (out.abs() + pre) * sound[..., None] + tiny_out
+    o_norm = out.norm(dim=-1)
+    sharp_out = (sigma * bounds.sharp_out + (o_norm + bounds.sharp_out) * sharp
+                 + tiny_out * math.sqrt(out.shape[-1]))
+    exact = sigma == 0  # a +inf sink: out must be 0
+    out_bound = torch.where(exact[..., None], torch.zeros((), dtype=F64, device=out.device), out_bound)
+    sharp_out = torch.where(exact, torch.zeros((), dtype=F64, device=out.device), sharp_out)
+    keyless = bounds.sharp_out == 0
+    sharp_out = torch.where(keyless & (bounds.out.amax(-1) == 0), bounds.sharp_out, sharp_out)
+    out_bound = torch.where((bounds.out == 0).all(-1, keepdim=True), bounds.out, out_bound)
+    return DecodeBounds(out=out_bound, lse=bounds.lse, sharp_out=torch.minimum(sharp_out, out_bound.norm(dim=-1)),
+                        sharp_lse=bounds.sharp_lse)
 
 
 @dataclass
@@ -282,6 +350,12 @@ def _distinct_keys(rows: torch.Tensor, valid: torch.Tensor) -> _DistinctKeys:
         # slots past the length (p = 0) get groups of their own
         groups.append(torch.cat((inverse, counts.shape[0] + torch.arange(t - length, device=rows.device))))
     return _DistinctKeys(torch.stack(groups) if repeated else None)
+
+
+def _times(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """factor·x with 0 where x is 0, even for an infinite factor (a vacuous ρ = ∞ times a column of
+    zeros is no error, not NaN)."""
+    return torch.where(x == 0, torch.zeros((), dtype=x.dtype, device=x.device), factor * x)
 
 
 def _half_ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["REGIMES", "SCALES", "Q_LAYOUTS", "SERVING_LENGTH", "DecodeCase", "dtype_name"]
+from mla_verify.decode.fp8 import FP8_SCALES, KV_FORMATS
+from mla_verify.decode.sparse import INDEX_PATTERNS, SINKS
+
+__all__ = ["REGIMES", "SCALES", "Q_LAYOUTS", "SERVING_LENGTH", "DecodeCase", "dtype_name", "KV_FORMATS", "FP8_SCALES",
+           "INDEX_PATTERNS", "SINKS", "WIDE_RANGE_DTYPES"]
 
 REGIMES = ("unit", "tiny", "large", "constant_keys", "extreme_positive", "extreme_negative", "large_q",
            "below_sentinel", "late_outlier", "shifted_maxima")
@@ -22,6 +26,9 @@ REGIMES = ("unit", "tiny", "large", "constant_keys", "extreme_positive", "extrem
 Q_LAYOUTS = ("contiguous", "fused", "transposed")
 SCALES = ("inverse_sqrt_d", "deepseek_v3", "one")
 SERVING_LENGTH = 4096  # a context this long or a batch of 32 is serving scale
+# input types with float32's exponent range: the only ones FP8 scales near the float32 extremes are
+# drawn for (q must hold 2^±100 to keep the logits unit-sized)
+WIDE_RANGE_DTYPES = ("float64", "float32", "bfloat16")
 
 
 def _is_int(value: object) -> bool:
@@ -58,6 +65,15 @@ class DecodeCase:
     pooled_cache: bool = False
     # the block table is a column slice of a wider table
     sliced_block_table: bool = False
+    # the cache format (mla_verify.decode.fp8.KV_FORMATS) and how its FP8 scales come about
+    kv_format: str = "native"
+    fp8_scales: str = "amax"
+    # sparse decode: 0 for dense, else the width of indices [b, s_q, topk], laid out by index_pattern
+    # (mla_verify.decode.sparse.INDEX_PATTERNS)
+    topk: int = 0
+    index_pattern: str = "subset"
+    # per-head attention sinks (mla_verify.decode.sparse.SINKS)
+    attn_sink: str = "none"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -70,7 +86,16 @@ class DecodeCase:
 
     @property
     def work(self) -> int:
-        return self.batch * self.s_q * self.heads * self.d * max(self.lengths, default=0)
+        keys = self.topk if self.topk else max(self.lengths, default=0)
+        return self.batch * self.s_q * self.heads * self.d * keys
+
+    @property
+    def sparse(self) -> bool:
+        return self.topk > 0
+
+    @property
+    def fp8(self) -> bool:
+        return self.kv_format != "native"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,14 +120,15 @@ class DecodeCase:
         for name in ("batch", "s_q", "heads", "d", "head_dim_v", "page_size"):
             if not (_is_int(case[name]) and case[name] >= 1):
                 raise ValueError(f"case field '{name}': expected an integer ≥ 1, got {case[name]!r}")
-        for name in ("extra_blocks", "seed", "layout_seed"):
-            if not (_is_int(case[name]) and case[name] >= 0):
+        for name in ("extra_blocks", "seed", "layout_seed", "topk"):
+            if name in case and not (_is_int(case[name]) and case[name] >= 0):
                 raise ValueError(f"case field '{name}': expected an integer ≥ 0, got {case[name]!r}")
         for name in ("causal", "permute_pages", "strided_cache", "pooled_cache", "sliced_block_table"):
             if not isinstance(case.get(name, False), bool):
                 raise ValueError(f"case field '{name}': expected true or false, got {case[name]!r}")
         choices = {"dtype": ("float64", "float32", "float16", "bfloat16"), "regime": REGIMES, "scale": SCALES,
-                   "q_layout": Q_LAYOUTS}
+                   "q_layout": Q_LAYOUTS, "kv_format": KV_FORMATS, "fp8_scales": FP8_SCALES,
+                   "index_pattern": INDEX_PATTERNS, "attn_sink": SINKS}
         for name, allowed in choices.items():
             if name in case and case[name] not in allowed:
                 raise ValueError(f"case field '{name}': expected one of {list(allowed)}, got {case[name]!r}")
@@ -112,6 +138,12 @@ class DecodeCase:
         if case["head_dim_v"] > case["d"]:
             raise ValueError(f"case fields 'd', 'head_dim_v': expected head_dim_v ≤ d, got "
                              f"{case['head_dim_v']} > {case['d']}")
+        if case.get("kv_format") == "fp8_ds_mla" and (case["head_dim_v"] % 4 or (case["d"] - case["head_dim_v"]) % 2):
+            raise ValueError(f"case fields 'kv_format', 'd', 'head_dim_v': the fp8_ds_mla layout needs head_dim_v % 4 "
+                             f"== 0 and an even rope width, got d={case['d']}, head_dim_v={case['head_dim_v']}")
+        if case.get("fp8_scales") in ("near_min", "near_max") and case["dtype"] not in WIDE_RANGE_DTYPES:
+            raise ValueError(f"case fields 'fp8_scales', 'dtype': scales near the float32 extremes need a dtype with "
+                             f"float32's range {list(WIDE_RANGE_DTYPES)}, got {case['dtype']!r}")
         device = case.get("device", "cpu")
         if not (isinstance(device, str) and (device == "cpu" or device.split(":")[0] == "cuda")):
             raise ValueError(f"case field 'device': expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
@@ -125,7 +157,10 @@ class DecodeCase:
             f"[{', '.join(map(str, self.lengths[:6]))}, … {len(self.lengths)} rows, max {max(self.lengths)}]")
         layout = "".join(f" {name}" for name, on in (("q=" + self.q_layout, self.q_layout != "contiguous"),
                                                       ("pooled", self.pooled_cache),
-                                                      ("sliced-table", self.sliced_block_table)) if on)
+                                                      ("sliced-table", self.sliced_block_table),
+                                                      (f"kv={self.kv_format} scales={self.fp8_scales}", self.fp8),
+                                                      (f"topk={self.topk} indices={self.index_pattern}", self.sparse),
+                                                      (f"sink={self.attn_sink}", self.attn_sink != "none")) if on)
         return (f"{self.dtype} b={self.batch} s_q={self.s_q} h={self.heads} d={self.d}/{self.head_dim_v} "
                 f"page={self.page_size} lengths={lengths} causal={self.causal} "
                 f"regime={self.regime} scale={self.scale} permuted={self.permute_pages} "

@@ -24,13 +24,15 @@ import torch
 
 from mla_verify.decode.inputs import DecodeInputs, build_inputs
 from mla_verify.decode.contract import Capabilities, Declined
-from mla_verify.decode.bounds import RoundingModel, decode_bounds
-from mla_verify.reference import paged_decode_terms
+from mla_verify.decode.bounds import DecodeBounds, RoundingModel, decode_bounds, with_attn_sink
+from mla_verify.decode.fp8 import round_to_e4m3, split_packed
+from mla_verify.decode.sparse import has_invalid_positive
+from mla_verify.reference import attn_sink_factor, decode_reference, decode_terms, paged_decode_terms
 from mla_verify.decode.case import DecodeCase
 
-__all__ = ["FailureKind", "Finding", "CaseFailure", "CaseDeclined", "Implementation", "Expected", "Observed",
-           "Ratios", "EMPTY_ROWS", "DEFAULT_TIMEOUT_S", "CallTimedOut", "deadline", "worst_ratio", "call_kernel",
-           "expected_for", "compare", "diagnose", "check_case"]
+__all__ = ["FailureKind", "Finding", "CaseFailure", "CaseDeclined", "RaisedAsDeclared", "Implementation",
+           "Expected", "Observed", "Ratios", "EMPTY_ROWS", "DEFAULT_TIMEOUT_S", "CallTimedOut", "deadline",
+           "worst_ratio", "call_kernel", "expected_for", "compare", "diagnose", "check_case"]
 
 
 # a first call may compile (Triton, FlashInfer's JIT): minutes are normal, an hour is a hang
@@ -51,6 +53,11 @@ class FailureKind(str, enum.Enum):
     CRASH = "process crashed"
     TIMEOUT = "call did not return in time"
     DECLINED = "declined a case its capabilities claim"
+    # FP8 caches and sparse decode
+    SPARSE_DENSE_MISMATCH = "sparse result differs from dense"
+    INDEX_ORDER_DEPENDENCE = "result depends on index order"
+    INVALID_INDEX_USED = "invalid index not ignored"
+    QUANTIZER_OUT_OF_SPEC = "quantiser output out of spec"
 
 
 @dataclass
@@ -89,6 +96,15 @@ class CaseFailure(AssertionError):
 _SIGNATURE_TYPES: dict[str, type[CaseFailure]] = {}
 
 
+class RaisedAsDeclared(Exception):
+    """The kernel raised on a case holding positive indices past the pool, as its capabilities
+    declare (invalid_indices="raise"): what the contract allows instead of ignoring them."""
+
+    def __init__(self, reason: str, case: DecodeCase) -> None:
+        super().__init__(reason)
+        self.case = case
+
+
 class CaseDeclined(Exception):
     """The kernel refused the case cleanly; `reason` is its one-line message."""
 
@@ -107,11 +123,16 @@ class Ratios:
     sharp: float = 0.0
     sound_at: str = ""
     sharp_at: str = ""
+    # FP8 cases: the error against the reference on the cache before quantisation (reported, not
+    # judged): the largest ‖out − ref‖/‖ref‖ of a row and the largest |lse − ref| (0 otherwise)
+    end_to_end_out: float = 0.0
+    end_to_end_lse: float = 0.0
 
     def worst(self, other: Ratios) -> Ratios:
         sound = self if self.sound >= other.sound else other
         sharp = self if self.sharp >= other.sharp else other
-        return Ratios(sound.sound, sharp.sharp, sound.sound_at, sharp.sharp_at)
+        return Ratios(sound.sound, sharp.sharp, sound.sound_at, sharp.sharp_at,
+                      max(self.end_to_end_out, other.end_to_end_out), max(self.end_to_end_lse, other.end_to_end_lse))
 
 
 @dataclass
@@ -144,6 +165,8 @@ class Expected:
     sharp_out: torch.Tensor
     sharp_lse: torch.Tensor
     has_key: torch.Tensor
+    # FP8 cases: (out, lse) of the reference on the cache before quantisation (end to end)
+    end_to_end: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class CallTimedOut(BaseException):
@@ -213,9 +236,11 @@ def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
     case = inputs.case
     before = inputs.snapshot()
     _poison_allocator(case, inputs.q.device)
+    raise_allowed = (case.sparse and impl.capabilities.invalid_indices == "raise"
+                     and has_invalid_positive(inputs.indices, inputs.kv_cache.shape[0] * case.page_size))
     try:
         with deadline(impl.timeout_s):
-            result = impl.fn(*inputs.arguments, causal=case.causal)
+            result = impl.fn(*inputs.arguments, **inputs.keywords)
             if case.device.startswith("cuda"):
                 torch.cuda.synchronize()
     except (Declined, NotImplementedError) as error:
@@ -227,6 +252,8 @@ def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
         raise _fail(FailureKind.EXCEPTION, f"the kernel called sys.exit({error.code!r})", case,
                     locus="SystemExit") from None
     except Exception as error:  # the kernel's own failure is the finding
+        if raise_allowed:  # positive indices past the pool, and the kernel declares it raises on them
+            raise RaisedAsDeclared(f"{type(error).__name__}: {error}".strip().splitlines()[0][:300], case) from None
         raise _fail(FailureKind.EXCEPTION, f"{type(error).__name__}: {error}".strip(), case,
                     locus=type(error).__name__) from error
     modified, out_of_bounds = inputs.integrity(before)
@@ -258,13 +285,61 @@ def call_kernel(impl: Implementation, inputs: DecodeInputs) -> Observed:
 
 
 def expected_for(inputs: DecodeInputs, capabilities: Capabilities) -> Expected:
+    """The float64 reference of the call (FP8 dequantised exactly, sparse lists, sinks) with both
+    tiers' bounds for the rounding model the capabilities declare."""
     case = inputs.case
-    terms = paged_decode_terms(*inputs.arguments, causal=case.causal)
-    bounds = decode_bounds(terms, inputs.q, case.softmax_scale, case.head_dim_v,
-                           RoundingModel.of(capabilities, case.torch_dtype))
+    if not (case.fp8 or case.sparse or inputs.attn_sink is not None):  # the original contract
+        terms = paged_decode_terms(*inputs.arguments, causal=case.causal)
+        bounds = decode_bounds(terms, inputs.q, case.softmax_scale, case.head_dim_v,
+                               RoundingModel.of(capabilities, case.torch_dtype))
+        has_key = terms.visible.expand_as(terms.scores).any(-1)
+        return Expected(out=terms.out, lse=terms.lse, out_bound=bounds.out, lse_bound=bounds.lse,
+                        sharp_out=bounds.sharp_out, sharp_lse=bounds.sharp_lse, has_key=has_key)
+    keywords = {name: value for name, value in inputs.keywords.items() if name != "attn_sink"}
+    terms = decode_terms(*inputs.arguments, **keywords)
+    b, s_q, h, _ = inputs.q.shape
+    model = RoundingModel.of(capabilities, case.torch_dtype, case.kv_format)
+    flat_q = inputs.q.reshape(b * s_q, 1, h, case.d) if case.sparse else inputs.q
+    bounds = decode_bounds(terms, flat_q, case.softmax_scale, case.head_dim_v, model)
     has_key = terms.visible.expand_as(terms.scores).any(-1)
-    return Expected(out=terms.out, lse=terms.lse, out_bound=bounds.out, lse_bound=bounds.lse,
-                    sharp_out=bounds.sharp_out, sharp_lse=bounds.sharp_lse, has_key=has_key)
+    out, lse = terms.out, terms.lse
+    if case.sparse:  # back from b·s_q single-query sequences to [b, s_q, ...]
+        out, lse, has_key = out.reshape(b, s_q, h, -1), _unflatten_lse(lse, b, s_q), has_key.reshape(b, s_q, h)
+        bounds = DecodeBounds(out=bounds.out.reshape(b, s_q, h, -1), lse=_unflatten_lse(bounds.lse, b, s_q),
+                              sharp_out=bounds.sharp_out.reshape(b, s_q, h),
+                              sharp_lse=_unflatten_lse(bounds.sharp_lse, b, s_q))
+    if inputs.attn_sink is not None:
+        sigma = attn_sink_factor(lse, inputs.attn_sink)
+        bounds = with_attn_sink(bounds, out, lse, sigma, model)
+        out = out * sigma[..., None]
+    end_to_end = None
+    if inputs.native_cache is not None:
+        end_to_end = decode_reference(inputs.q, inputs.native_cache, inputs.block_table, inputs.cache_seqlens,
+                                      case.head_dim_v, case.softmax_scale, case.causal and not case.sparse,
+                                      indices=inputs.indices, attn_sink=inputs.attn_sink)
+    return Expected(out=out, lse=lse, out_bound=bounds.out, lse_bound=bounds.lse, sharp_out=bounds.sharp_out,
+                    sharp_lse=bounds.sharp_lse, has_key=has_key, end_to_end=end_to_end)
+
+
+def _unflatten_lse(lse: torch.Tensor, b: int, s_q: int) -> torch.Tensor:
+    """[b·s_q, h, 1] (sparse terms, one query per sequence) → the contract's [b, h, s_q]."""
+    return lse.reshape(b, s_q, -1).permute(0, 2, 1).contiguous()
+
+
+def _end_to_end(observed: Observed, expected: Expected) -> tuple[float, float]:
+    """(largest relative row error of out, largest |Δlse|) against the reference on the cache before
+    quantisation, over rows that see a key."""
+    if expected.end_to_end is None:
+        return 0.0, 0.0
+    ref_out, ref_lse = (t.cpu() for t in expected.end_to_end)
+    has_key = expected.has_key.cpu()
+    out = observed.out.to(torch.float64).cpu()
+    lse = observed.lse.to(torch.float64).cpu()
+    norm = ref_out.norm(dim=-1)
+    relative = torch.where(has_key & (norm > 0), (out - ref_out).norm(dim=-1) / norm.clamp_min(1e-300), 0.0)
+    both = has_key.permute(0, 2, 1) & torch.isfinite(ref_lse) & torch.isfinite(lse)
+    lse_error = torch.where(both, (lse - ref_lse).abs(), 0.0)
+    return (float(relative.max()) if relative.numel() else 0.0, float(lse_error.max()) if lse_error.numel() else 0.0)
 
 
 EMPTY_ROWS = "rows that see no key"
@@ -347,8 +422,10 @@ def compare(observed: Observed, expected: Expected, capabilities: Capabilities, 
         sharp_at = _where("lse", "[b, h, s_q]", sharp_lse_at, lse_error, expected.sharp_lse.cpu())
     else:
         sharp_at = _where("‖out row‖", "[b, s_q, h]", row_at, row_error, expected.sharp_out.cpu())
+    end_to_end_out, end_to_end_lse = _end_to_end(observed, expected)
     return Ratios(sound=max(out_ratio, lse_ratio), sharp=max(sharp_out_ratio, sharp_lse_ratio),
-                  sound_at=sound_at, sharp_at=sharp_at)
+                  sound_at=sound_at, sharp_at=sharp_at, end_to_end_out=end_to_end_out,
+                  end_to_end_lse=end_to_end_lse)
 
 
 def _where(name: str, axes: str, at: tuple[int, ...], error: torch.Tensor, bound: torch.Tensor) -> str:
@@ -405,13 +482,58 @@ def _matching_scale(observed: Observed, inputs: DecodeInputs, expected: Expected
     for name, scale in candidates.items():
         if abs(scale - given) <= 1e-9 * given:
             continue
-        terms = paged_decode_terms(inputs.q, inputs.kv_cache, inputs.block_table, inputs.cache_seqlens,
-                                   case.head_dim_v, scale, case.causal)
-        error = (lse - terms.lse.cpu()).abs()[rows]
+        error = (lse - _reference_lse(inputs, softmax_scale=scale)).abs()[rows]
         tolerance = expected.lse_bound.cpu()[rows] * max(scale / given, given / scale, 1.0)
         if bool((error <= tolerance).all()):
             return (f"out and lse match the reference computed with softmax_scale = {name} = {scale:.6g} "
                     f"instead of the {given:.6g} passed in: the kernel uses a softmax scale of its own")
+    return _matching_misreading(lse, rows, inputs, expected)
+
+
+def _reference_lse(inputs: DecodeInputs, softmax_scale: float | None = None, kv_cache: torch.Tensor | None = None,
+                   indices: torch.Tensor | None = None) -> torch.Tensor:
+    """The float64 reference lse [b, h, s_q] of the call with some of its inputs replaced."""
+    case = inputs.case
+    keywords = {name: value for name, value in inputs.keywords.items() if name not in ("attn_sink", "causal")}
+    if indices is not None:
+        keywords["indices"] = indices
+    _, lse = decode_reference(inputs.q, inputs.kv_cache if kv_cache is None else kv_cache, inputs.block_table,
+                              inputs.cache_seqlens, case.head_dim_v,
+                              case.softmax_scale if softmax_scale is None else softmax_scale,
+                              case.causal and not case.sparse, **keywords)
+    return lse.cpu()
+
+
+def _misreadings(inputs: DecodeInputs) -> dict[str, dict]:
+    """FP8 and sparse inputs as a wrong kernel reads them (what `_matching_misreading` tries)."""
+    case = inputs.case
+    found: dict[str, dict] = {}
+    if case.kv_format == "fp8_ds_mla":
+        pow2 = inputs.kv_cache.clone()
+        _, scales, rope = split_packed(pow2, case.d, case.head_dim_v)
+        scales.copy_(torch.exp2(torch.ceil(torch.log2(scales.double()))).float())
+        found["its FP8 scales rounded up to powers of two (e8m0)"] = {"kv_cache": pow2}
+        quantized_rope = inputs.kv_cache.clone()
+        rope = split_packed(quantized_rope, case.d, case.head_dim_v)[2]
+        rope.copy_(round_to_e4m3(rope.double()).to(torch.bfloat16))
+        found["the bf16 rope part rounded through e4m3"] = {"kv_cache": quantized_rope}
+    if case.sparse:
+        found["-1 entries read as slot 0"] = {"indices": inputs.indices.clamp_min(0)}
+        if case.s_q > 1:
+            found["every query reading the last query's index list"] = {
+                "indices": inputs.indices[:, -1:].expand_as(inputs.indices).contiguous()}
+    return found
+
+
+def _matching_misreading(lse: torch.Tensor, rows: torch.Tensor, inputs: DecodeInputs, expected: Expected) -> str:
+    for name, replaced in _misreadings(inputs).items():
+        reference = _reference_lse(inputs, **replaced)
+        if not torch.isfinite(reference[rows]).all():
+            continue
+        error = (lse - reference).abs()[rows]
+        if bool((error <= expected.lse_bound.cpu()[rows]).all()) and bool((lse - expected.lse.cpu()).abs()[rows].max()
+                                                                         > 0):
+            return f"out and lse match the reference computed with {name}"
     return ""
 
 
@@ -429,7 +551,10 @@ def worst_ratio(error: torch.Tensor, bound: torch.Tensor) -> tuple[float, tuple[
 def check_case(impl: Implementation, case: DecodeCase) -> Ratios:
     """Build the case, run the kernel, compare with the float64 reference within both tiers."""
     inputs = build_inputs(case)
-    observed = call_kernel(impl, inputs)
+    try:
+        observed = call_kernel(impl, inputs)
+    except RaisedAsDeclared:
+        return Ratios()
     expected = expected_for(inputs, impl.capabilities)
     try:
         return compare(observed, expected, impl.capabilities, case)

@@ -12,6 +12,16 @@
   [q | canaries] projection, or the transpose of a [b, h, s_q, d] tensor. Snapshots of every
   buffer taken before the call tell an input modified (inside a tensor) from an out-of-bounds
   write (in a canary).
+- FP8 caches (case.kv_format, mla_verify.decode.fp8): the values are drawn as for a native cache,
+  rounded to the case's dtype (the cache a model would hold before quantising: the end-to-end
+  reference) and quantised by the reference quantiser with the case's scale regime; padding slots,
+  unused blocks and canaries are 0xFF bytes (NaN as e4m3, as a float32 scale and as bf16).
+- Sparse cases (case.topk, mla_verify.decode.sparse): the pool gets one more block that no sequence
+  owns, filled with data (the pool's last block: sparse lists may name any slot), and CANARY_BLOCKS
+  blocks of NaN after the pool in the same allocation, where an index just past the pool lands.
+  Each query's list is drawn from its row's own generator (so redrawing other rows leaves it
+  unchanged) as logical choices mapped to slots through the block table (so moving pages moves
+  the slots, not the choice).
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from mla_verify.decode.case import DecodeCase
+from mla_verify.decode.fp8 import SCALE_GROUP, packed_width, poison_bytes, quantize, reference_scales
+from mla_verify.decode.sparse import CANARY_BLOCKS, draw_index_list, query_limits, sink_values
 
 __all__ = ["OUT_OF_RANGE_BLOCK", "DecodeInputs", "build_inputs", "device_problem", "sequence_values"]
 
@@ -29,6 +41,7 @@ OUT_OF_RANGE_BLOCK = 2**31 - 1
 CANARY_COLUMNS = 8
 CANARY_ELEMENTS = 64
 POOLED_LAYERS = 3
+CALIBRATION_TOKENS = 256  # rows of the sample a per-tensor FP8 scale is calibrated on
 F64 = torch.float64
 
 
@@ -36,10 +49,13 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed % 2**63)
 
 
-def sequence_values(case: DecodeCase, row: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [s_q, h, d] and cache rows [L_row, d] of one sequence, float64, in the case's regime."""
+def sequence_values(case: DecodeCase, row: int, seed: int | None = None,
+                    length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [s_q, h, d] and cache rows [L_row, d] of one sequence, float64, in the case's regime
+    (`length` overrides L_row: the shared block of a sparse case is row `batch`)."""
     g = _generator((case.seed if seed is None else seed) * 1_000_003 + row)
-    length, d, scale = case.lengths[row], case.d, case.softmax_scale
+    length = case.lengths[row] if length is None else length
+    d, scale = case.d, case.softmax_scale
     q = torch.randn(case.s_q, case.heads, d, generator=g, dtype=F64)
     keys = torch.randn(length, d, generator=g, dtype=F64)
     if case.regime == "tiny":
@@ -73,6 +89,30 @@ def sequence_values(case: DecodeCase, row: int, seed: int | None = None) -> tupl
         keys = keys + 0.5 * direction
         offsets = 100.0 * ((torch.arange(case.heads, dtype=F64) + row) % 3 - 1)  # [h]
         q = q + (offsets / (scale * 0.5 * float(direction @ direction)))[None, :, None] * direction
+    if case.fp8:
+        q, keys = _fp8_scale_regime(case, q, keys, g)
+    return q, keys
+
+
+# near_min / near_max: the cache is shifted by 2^∓SHIFT (scales near 2^∓107, dequantised values
+# between 2^∓100·2^-9 and 2^∓100·448: normal and finite in float32 and bf16) and q by 2^±SHIFT
+FP8_SHIFT = 100
+
+
+def _fp8_scale_regime(case: DecodeCase, q: torch.Tensor, keys: torch.Tensor,
+                      g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if case.fp8_scales in ("near_min", "near_max"):
+        shift = 2.0 ** (FP8_SHIFT if case.fp8_scales == "near_max" else -FP8_SHIFT)
+        return q / shift, keys * shift
+    if case.fp8_scales == "zero_blocks" and keys.shape[0]:
+        # about half the tokens get one group of 128 latent values (all of them for a narrow
+        # latent) set to zero: an all-zero group
+        groups = -(-case.head_dim_v // SCALE_GROUP)
+        chosen = torch.randint(0, groups, (keys.shape[0],), generator=g)
+        hit = torch.rand(keys.shape[0], generator=g) < 0.5
+        column = torch.arange(case.d) // SCALE_GROUP
+        zero = hit[:, None] & (column[None, :] == chosen[:, None]) & (torch.arange(case.d) < case.head_dim_v)[None, :]
+        keys = torch.where(zero, torch.zeros((), dtype=F64), keys)
     return q, keys
 
 
@@ -90,15 +130,42 @@ class DecodeInputs:
     cache_buffer: torch.Tensor
     table_buffer: torch.Tensor
     logical: dict[str, torch.Tensor]
+    # FP8 and sparse arguments (None when the case does not use them)
+    k_scale: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    attn_sink: torch.Tensor | None = None
+    # an FP8 case's cache before quantisation, in the case's dtype (the end-to-end reference's)
+    native_cache: torch.Tensor | None = None
 
     @property
     def arguments(self) -> tuple:
         c = self.case
         return (self.q, self.kv_cache, self.block_table, self.cache_seqlens, c.head_dim_v, c.softmax_scale)
 
+    @property
+    def keywords(self) -> dict:
+        """The keyword arguments of the call: causal (False with indices: the lists carry it), and
+        only the FP8/sparse/sink arguments the case uses."""
+        c = self.case
+        keywords: dict = {"causal": c.causal and not c.sparse}
+        if c.kv_format == "fp8_ds_mla":
+            keywords["is_fp8_kvcache"] = True
+        for name in ("k_scale", "indices", "attn_sink"):
+            if getattr(self, name) is not None:
+                keywords[name] = getattr(self, name)
+        return keywords
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor argument of the call by its contract name (what a counterexample saves)."""
+        named = dict(zip(("q", "kv_cache", "block_table", "cache_seqlens"), self.arguments[:4]))
+        named.update({name: value for name, value in self.keywords.items() if isinstance(value, torch.Tensor)})
+        return named
+
     def buffers(self) -> dict[str, torch.Tensor]:
+        extra = {name: getattr(self, name) for name in ("k_scale", "indices", "attn_sink")
+                 if getattr(self, name) is not None}
         return {"q": self.q_buffer, "kv_cache": self.cache_buffer, "block_table": self.table_buffer,
-                "cache_seqlens": self.cache_seqlens}
+                "cache_seqlens": self.cache_seqlens, **extra}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {name: buffer.clone() for name, buffer in self.buffers().items()}
@@ -110,7 +177,9 @@ class DecodeInputs:
             changed = _bitwise_changed(before[name], now)
             if not changed.any():
                 continue
-            inside = self.logical[name]
+            inside = self.logical.get(name)
+            if inside is None:  # the whole buffer is the argument
+                inside = torch.ones(now.shape, dtype=torch.bool, device=now.device)
             if (changed & inside).any():
                 modified.append(name)
             if (changed & ~inside).any():
@@ -146,15 +215,18 @@ def build_inputs(case: DecodeCase, redraw_rows: dict[int, int] | None = None,
     dtype, b, page, d = case.torch_dtype, case.batch, case.page_size, case.d
     redraw_rows = redraw_rows or {}
     blocks_per_row = [math.ceil(n / page) for n in case.lengths]
-    num_blocks = sum(blocks_per_row) + case.extra_blocks
+    shared = 1 if case.sparse else 0  # a sparse case's last block belongs to no sequence
+    owned = sum(blocks_per_row) + case.extra_blocks
+    num_blocks = owned + shared
     max_blocks = max(blocks_per_row, default=0) + 1  # at least one unused entry per row
 
     layout = _generator(case.layout_seed if layout_seed is None else layout_seed)
-    physical = torch.randperm(num_blocks, generator=layout) if case.permute_pages else torch.arange(num_blocks)
+    physical = torch.randperm(owned, generator=layout) if case.permute_pages else torch.arange(owned)
 
     width = d + CANARY_COLUMNS if case.strided_cache else d
     layers = POOLED_LAYERS if case.pooled_cache else 1
-    pool = torch.full((layers, num_blocks, page, 1, width), math.nan, dtype=F64)
+    trailing = CANARY_BLOCKS if case.sparse else 0  # NaN blocks after the pool, same allocation
+    pool = torch.full((layers, num_blocks + trailing, page, 1, width), math.nan, dtype=F64)
     cache_buffer = pool[layers // 2]
     table_offset = 1 if case.sliced_block_table else 0
     table_buffer = torch.full((b, max_blocks + 2 * table_offset), OUT_OF_RANGE_BLOCK, dtype=torch.int32)
@@ -171,22 +243,82 @@ def build_inputs(case: DecodeCase, redraw_rows: dict[int, int] | None = None,
         padded = torch.full((count * page, d), math.nan, dtype=F64)  # slots past the length stay NaN
         padded[:keys.shape[0]] = keys
         cache_buffer[blocks, :, 0, :d] = padded.view(count, page, d)
+    if shared:
+        _, keys = sequence_values(case, b, length=page)
+        cache_buffer[num_blocks - 1, :, 0, :d] = keys
 
     device = case.device
-    pool = pool.to(dtype).to(device)
+    native = pool.to(dtype)
+    k_scale = native_cache = None
+    if case.fp8:
+        pool, cache_width, k_scale = _quantized_pool(case, native, layers, num_blocks)
+        native_cache = native[layers // 2][:num_blocks, ..., :d].to(device)
+        k_scale = k_scale.to(device) if k_scale is not None else None
+    else:
+        pool, cache_width = native, d
+    pool = pool.to(device)
     cache_mask = torch.zeros(pool.shape, dtype=torch.bool, device=device)
-    cache_mask[layers // 2, ..., :d] = True
+    cache_mask[layers // 2, :num_blocks, ..., :cache_width] = True
     table_mask = torch.zeros(table_buffer.shape, dtype=torch.bool, device=device)
     table_mask[:, table_offset:table_offset + max_blocks] = True
     q_buffer, q_view, q_mask = _lay_out_query(q.to(dtype), case.q_layout)
     q_buffer, q_mask = q_buffer.to(device), q_mask.to(device)
+    indices = _index_lists(case, block_table, num_blocks, redraw_rows).to(device) if case.sparse else None
+    sink = None
+    if case.attn_sink != "none":
+        typical_lse = math.log1p(max(case.lengths, default=0) if not case.sparse else case.topk)
+        sink = sink_values(case.attn_sink, case.heads, typical_lse, _generator(case.seed * 1_000_003 + 999_983))
+        sink = sink.to(device)
     table_buffer = table_buffer.to(device)
-    return DecodeInputs(case=case, q=_same_view(q_view, q_buffer), kv_cache=pool[layers // 2][..., :d],
+    return DecodeInputs(case=case, q=_same_view(q_view, q_buffer), kv_cache=pool[layers // 2][:num_blocks, ..., :cache_width],
                         block_table=table_buffer[:, table_offset:table_offset + max_blocks],
                         cache_seqlens=torch.tensor(case.lengths, dtype=torch.int32, device=device),
                         q_buffer=q_buffer, cache_buffer=pool, table_buffer=table_buffer,
                         logical={"q": q_mask, "kv_cache": cache_mask, "block_table": table_mask,
-                                 "cache_seqlens": torch.ones(b, dtype=torch.bool, device=device)})
+                                 "cache_seqlens": torch.ones(b, dtype=torch.bool, device=device)},
+                        k_scale=k_scale, indices=indices, attn_sink=sink, native_cache=native_cache)
+
+
+def _quantized_pool(case: DecodeCase, native: torch.Tensor, layers: int,
+                    num_blocks: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(the FP8 pool [layers, blocks, page, 1, bytes] with 0xFF canaries, the cache's byte width, k_scale)."""
+    d, head_dim_v = case.d, case.head_dim_v
+    values = native[layers // 2, :num_blocks, :, 0, :d]  # [n, page, d], NaN in padding slots
+    power_of_two = case.fp8_scales == "power_of_two"
+    k_scale = None
+    if case.kv_format == "fp8_e4m3":
+        # a calibrated per-tensor scale, as serving engines load it: amax/448 of a calibration
+        # sample drawn like the cache (its own rows, so no row's scale depends on another row's
+        # data); values beyond it saturate at ±448·k_scale, as they do in production
+        _, sample = sequence_values(case, case.batch + 1, length=CALIBRATION_TOKENS)
+        amax = sample.to(dtype=values.dtype).to(F64).abs().amax()
+        k_scale = reference_scales(amax, power_of_two).reshape(1)
+        codes, width = quantize(values, head_dim_v, "fp8_e4m3", k_scale), d
+    else:
+        codes, width = quantize(values, head_dim_v, "fp8_ds_mla", power_of_two=power_of_two), packed_width(d, head_dim_v)
+    codes = codes.view(torch.uint8).clone()
+    codes[values.isnan().any(-1)] = 0xFF  # padding slots: every byte NaN
+    columns = width + CANARY_COLUMNS if case.strided_cache else width
+    shape = (layers, native.shape[1], native.shape[2], 1, columns)
+    pool = poison_bytes(math.prod(shape)).view(torch.uint8).view(shape).clone()
+    pool[layers // 2, :num_blocks, :, 0, :width] = codes
+    return pool.view(torch.float8_e4m3fn), width, k_scale
+
+
+def _index_lists(case: DecodeCase, block_table: torch.Tensor, num_blocks: int,
+                 redraw_rows: dict[int, int]) -> torch.Tensor:
+    """int32 [b, s_q, topk]: each query's list (mla_verify.decode.sparse), drawn per row."""
+    page = case.page_size
+    num_slots = num_blocks * page
+    shared = (num_blocks - 1) * page + torch.arange(page)
+    lists = torch.empty(case.batch, case.s_q, case.topk, dtype=torch.int64)
+    for row, length in enumerate(case.lengths):
+        positions = torch.arange(length)
+        slots = block_table[row, positions // page].to(torch.int64) * page + positions % page
+        g = _generator(redraw_rows.get(row, case.seed) * 1_000_003 + row + 500_009)
+        for query, limit in enumerate(query_limits(length, case.s_q, case.causal)):
+            lists[row, query] = draw_index_list(case.index_pattern, case.topk, slots, limit, shared, num_slots, page, g)
+    return lists.to(torch.int32)
 
 
 def _lay_out_query(q: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,22 +3,34 @@
 Each returns the observed/bound ratios it measured in both tiers (0 for exact properties) or raises
 CaseFailure (CaseDeclined when the kernel refuses the case).
 properties/test_decode_kernel.py wraps them for pytest; mla_verify.certify runs them for the CLI.
+
+DECODE_PROPERTIES apply to every kernel; FP8_SPARSE_PROPERTIES only to a kernel that declares
+sparse decode or an FP8 quantiser (`DecodeProperty.applies`); `properties_for(impl)` lists the ones
+that apply (properties/test_fp8_sparse.py runs the FP8/sparse ones under pytest). FP8 and sparse
+cases also flow through the four general properties, drawn inside the declared capabilities.
+A kernel that declares invalid_indices="raise" passes a case holding positive indices past the pool
+by raising (the contract allows it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from mla_verify.decode.inputs import DecodeInputs, build_inputs
-from mla_verify.decode.checks import (CaseDeclined, CaseFailure, FailureKind, Finding, Implementation, Observed, Ratios, call_kernel,
-                               check_case, expected_for)
-from mla_verify.decode.contract import capabilities_of
+from mla_verify.decode.checks import (CaseDeclined, CaseFailure, FailureKind, Finding, Implementation, Observed,
+                                      RaisedAsDeclared, Ratios, call_kernel, check_case, compare, expected_for)
+from mla_verify.decode.contract import Capabilities, capabilities_of, quantizer_of
 from mla_verify.decode.case import DecodeCase
+from mla_verify.decode.fp8 import FP8_FORMATS, quantizer_errors, reference_scales
+from mla_verify.decode.sparse import HUGE_INDEX
 
-__all__ = ["DecodeProperty", "DECODE_PROPERTIES", "property_named", "CaseVerdict", "check"]
+__all__ = ["DecodeProperty", "DECODE_PROPERTIES", "FP8_SPARSE_PROPERTIES", "ALL_PROPERTIES", "property_named",
+           "properties_for", "sparse_variant", "CaseVerdict", "check"]
 
 
 def _one_call(case: DecodeCase) -> list[DecodeInputs]:
@@ -58,6 +70,22 @@ class DecodeProperty:
     calls: Callable[[DecodeCase], list[DecodeInputs]] = _one_call
     min_batch: int = 1
     prepare: Callable[[DecodeCase], DecodeCase] = lambda case: case
+    # whether the property applies to an implementation (FP8/sparse properties need declarations)
+    applies: Callable[[Implementation], bool] = lambda impl: True
+
+
+def _raise_as_declared_passes(check: Callable[[Implementation, DecodeCase], Ratios]):
+    """A kernel that declares invalid_indices="raise" and raises on a case holding positive indices
+    past the pool passes it."""
+
+    @functools.wraps(check)
+    def checked(impl: Implementation, case: DecodeCase) -> Ratios:
+        try:
+            return check(impl, case)
+        except RaisedAsDeclared:
+            return Ratios()
+
+    return checked
 
 
 def _matches_reference(impl: Implementation, case: DecodeCase) -> Ratios:
@@ -127,21 +155,209 @@ def _deterministic(impl: Implementation, case: DecodeCase) -> Ratios:
 DECODE_PROPERTIES = (
     DecodeProperty("matches_reference", "out and lse within the case's derived bound of the float64 "
                    "reference; NaN/inf pattern, empty rows, shapes, dtypes and input integrity exact",
-                   _matches_reference),
+                   _raise_as_declared_passes(_matches_reference)),
     DecodeProperty("page_order_invariant", "moving pages to other physical blocks gives the identical result",
-                   _page_order_invariant, calls=_pages_moved, prepare=lambda case: case.replace(permute_pages=True)),
+                   _raise_as_declared_passes(_page_order_invariant), calls=_pages_moved,
+                   prepare=lambda case: case.replace(permute_pages=True)),
     DecodeProperty("rows_independent", "a batch row's result does not depend on the other rows' data",
-                   _rows_independent, calls=_other_rows_redrawn, min_batch=2),
+                   _raise_as_declared_passes(_rows_independent), calls=_other_rows_redrawn, min_batch=2),
     DecodeProperty("deterministic", "two calls give the identical result (or within 2·bound when the "
-                   "kernel declares itself nondeterministic)", _deterministic, calls=_same_inputs_twice),
+                   "kernel declares itself nondeterministic)", _raise_as_declared_passes(_deterministic),
+                   calls=_same_inputs_twice),
 )
 
 
+# ----------------------------------------------------------------------------------------------
+# FP8 caches and sparse decode
+# ----------------------------------------------------------------------------------------------
+
+def sparse_variant(case: DecodeCase, capabilities: Capabilities, pattern: str | None = None) -> DecodeCase:
+    """`case` as a sparse case the kernel declares: a sparse cache format (the case's own if the
+    kernel takes it sparse), a declared topk, and the given index pattern (else the case's, or
+    'subset' for a dense case). For 'all_visible' the topk covers every visible position: the
+    smallest declared one at least max(lengths), else the largest, with the lengths cut to it."""
+    formats = capabilities.sparse_kv_formats
+    packable = case.head_dim_v % 4 == 0 and (case.d - case.head_dim_v) % 2 == 0
+    usable = [f for f in formats if f != "fp8_ds_mla" or packable] or list(formats)
+    kv_format = case.kv_format if case.kv_format in usable else usable[0]
+    pattern = pattern or (case.index_pattern if case.sparse else "subset")
+    allowed = (sorted(capabilities.topk_values) if capabilities.topk_values is not None
+               else None)
+    lengths = case.lengths
+    if pattern == "all_visible":
+        need = max(max(lengths, default=0), 1)
+        if allowed is None:
+            topk = min(need, capabilities.max_topk)
+        else:
+            topk = next((k for k in allowed if k >= need), allowed[-1])
+        lengths = tuple(min(n, topk) for n in lengths)
+    elif case.sparse and capabilities.supports_topk(case.topk):
+        topk = case.topk
+    else:
+        topk = allowed[0] if allowed else min(max(2 * max(lengths, default=0), 2), capabilities.max_topk)
+    scales = case.fp8_scales if kv_format != "native" else "amax"
+    return case.replace(kv_format=kv_format, fp8_scales=scales, topk=topk, index_pattern=pattern, lengths=lengths)
+
+
+def _sparse_matches_dense(impl: Implementation, case: DecodeCase) -> Ratios:
+    """Indices listing every visible position of each query in order (causal and lengths applied
+    by the lists): the sparse result must match the dense decode of the same cache (the float64
+    dense reference, within both tiers)."""
+    sparse_case = sparse_variant(case, impl.capabilities, "all_visible")
+    inputs = build_inputs(sparse_case)
+    observed = call_kernel(impl, inputs)
+    expected = expected_for(inputs, impl.capabilities)
+    try:
+        return compare(observed, expected, impl.capabilities, sparse_case)
+    except CaseFailure as failure:
+        finding = failure.finding
+        raise CaseFailure(Finding(FailureKind.SPARSE_DENSE_MISMATCH, f"indices listing every visible position in "
+                                  f"order ({sparse_case.describe()}) do not give the dense result: "
+                                  f"{finding.kind.value}: {finding.message}", finding.ratio, finding.locus,
+                                  finding.tier), case) from None
+
+
+def _permuted_lists(inputs: DecodeInputs, seed: int) -> DecodeInputs:
+    """The same call with each query's index list permuted (one fixed permutation of the topk
+    positions per case: -1 entries move too)."""
+    topk = inputs.indices.shape[-1]
+    order = torch.randperm(topk, generator=torch.Generator().manual_seed(seed)).to(inputs.indices.device)
+    return dataclasses.replace(inputs, indices=inputs.indices[..., order].contiguous())
+
+
+def _invalid_replaced(inputs: DecodeInputs, capabilities: Capabilities) -> DecodeInputs:
+    """The same call with every -1 entry replaced by a positive index past the pool (just past it and
+    near 2^31, alternately) when the kernel ignores those; else by -1 again (nothing to vary)."""
+    if capabilities.invalid_indices != "ignore":
+        return dataclasses.replace(inputs, indices=inputs.indices.clone())
+    num_slots = inputs.kv_cache.shape[0] * inputs.case.page_size
+    indices = inputs.indices.clone()
+    holes = indices == -1
+    replacement = torch.where(torch.arange(indices.numel(), device=indices.device).view(indices.shape) % 2 == 0,
+                              torch.full_like(indices, num_slots), torch.full_like(indices, HUGE_INDEX))
+    return dataclasses.replace(inputs, indices=torch.where(holes, replacement, indices))
+
+
+def _same_or_within(impl: Implementation, case: DecodeCase, inputs: DecodeInputs, first: Observed,
+                    second: Observed, bit_identical: bool, kind: FailureKind, what: str) -> Ratios:
+    """Bit-identical results when promised, else within twice the bound (both calls are within
+    the bound of the same reference)."""
+    if bit_identical:
+        if not (_bitwise_equal(first.out, second.out) and _bitwise_equal(first.lse, second.lse)):
+            difference = (first.out.double() - second.out.double()).abs().nan_to_num(nan=float("inf")).max().item()
+            raise CaseFailure(Finding(kind, f"{what}: out differs by up to {difference:.3g} (results must be "
+                                            "bit-identical)"), case)
+        return Ratios()
+    expected = expected_for(inputs, impl.capabilities)
+    out_ratio = _pair_ratio(first.out, second.out, expected.out_bound, expected.has_key[..., None])
+    lse_ratio = _pair_ratio(first.lse, second.lse, expected.lse_bound, expected.has_key.permute(0, 2, 1))
+    ratio = max(out_ratio, lse_ratio)
+    if ratio > 1:
+        raise CaseFailure(Finding(kind, f"{what}: the two results differ by {ratio:.3g}× twice the bound", ratio,
+                                  tier="sound"), case)
+    return Ratios(sound=ratio)
+
+
+def _pair_ratio(a: torch.Tensor, b: torch.Tensor, bound: torch.Tensor, rows: torch.Tensor) -> float:
+    difference = (a.double().cpu() - b.double().cpu()).abs()
+    same = (a.cpu() == b.cpu()) | (a.cpu().isnan() & b.cpu().isnan())
+    difference = torch.where(same | ~rows.cpu(), 0.0, difference.nan_to_num(nan=float("inf")))
+    allowed = 2 * bound.cpu()
+    ratio = torch.where(allowed > 0, difference / allowed, torch.where(difference > 0, float("inf"), 0.0))
+    return float(ratio.max()) if ratio.numel() else 0.0
+
+
+def _index_order_invariant(impl: Implementation, case: DecodeCase) -> Ratios:
+    sparse_case = sparse_variant(case, impl.capabilities)
+    inputs = build_inputs(sparse_case)
+    first = call_kernel(impl, inputs)
+    second = call_kernel(impl, _permuted_lists(inputs, sparse_case.seed))
+    return _same_or_within(impl, case, inputs, first, second,
+                           impl.capabilities.index_order_independent and impl.capabilities.deterministic,
+                           FailureKind.INDEX_ORDER_DEPENDENCE, "permuting each query's index list changed the result")
+
+
+def _invalid_indices_ignored(impl: Implementation, case: DecodeCase) -> Ratios:
+    sparse_case = sparse_variant(case, impl.capabilities, "subset")
+    inputs = build_inputs(sparse_case)
+    first = call_kernel(impl, inputs)
+    ratios = compare(first, expected_for(inputs, impl.capabilities), impl.capabilities, sparse_case)
+    second = call_kernel(impl, _invalid_replaced(inputs, impl.capabilities))
+    return ratios.worst(_same_or_within(impl, case, inputs, first, second, impl.capabilities.deterministic,
+                                        FailureKind.INVALID_INDEX_USED,
+                                        "replacing the -1 entries by positive indices past the pool changed the "
+                                        "result"))
+
+
+def _quantizer_matches_format(impl: Implementation, case: DecodeCase) -> Ratios:
+    """The kernel's quantiser on the case's cache rows (in the case's dtype, before quantisation):
+    the format, the scales and every value within half an e4m3 step (mla_verify.decode.fp8.quantizer_errors)."""
+    quantizer = quantizer_of(impl.fn)
+    caps = impl.capabilities
+    formats = [f for f in FP8_FORMATS if f in caps.kv_formats or f in caps.sparse_kv_formats]
+    kv_format = case.kv_format if case.kv_format in formats else formats[0]
+    if kv_format == "fp8_ds_mla" and (case.head_dim_v % 4 or (case.d - case.head_dim_v) % 2):
+        kv_format = next((f for f in formats if f != "fp8_ds_mla"), None)
+        if kv_format is None:
+            return Ratios()
+    fp8_case = case.replace(kv_format=kv_format, topk=0, index_pattern="subset", attn_sink="none")
+    native = build_inputs(fp8_case).native_cache  # [blocks, page, 1, d], NaN in unused slots
+    rows = native[:, :, 0].reshape(-1, case.d)
+    rows = rows[~rows.isnan().any(-1)].cpu()
+    if rows.shape[0] == 0:
+        return Ratios()
+    k_scale = None
+    if kv_format == "fp8_e4m3":
+        k_scale = reference_scales(rows.double().abs().amax(), caps.scale_format == "power_of_two").reshape(1)
+    try:
+        codes = quantizer(rows, case.head_dim_v, kv_format, k_scale) if k_scale is not None else \
+            quantizer(rows, case.head_dim_v, kv_format)
+    except Exception as error:
+        raise CaseFailure(Finding(FailureKind.EXCEPTION, f"the quantiser raised {type(error).__name__}: {error}",
+                                  locus=f"quantiser {type(error).__name__}"), case) from error
+    ratio, problem = quantizer_errors(rows, codes, case.head_dim_v, kv_format, k_scale, caps.scale_format)
+    if problem:
+        raise CaseFailure(Finding(FailureKind.QUANTIZER_OUT_OF_SPEC, f"{kv_format}: {problem}", ratio,
+                                  tier="sound"), case)
+    return Ratios(sound=ratio, sound_at=f"quantised values: largest error / half an e4m3 step {ratio:.3g}")
+
+
+def _declares_sparse(impl: Implementation) -> bool:
+    return impl.capabilities.sparse
+
+
+def _declares_quantizer(impl: Implementation) -> bool:
+    caps = impl.capabilities
+    return quantizer_of(impl.fn) is not None and any(f in FP8_FORMATS for f in caps.kv_formats + caps.sparse_kv_formats)
+
+
+FP8_SPARSE_PROPERTIES = (
+    DecodeProperty("sparse_matches_dense", "indices listing every visible position in order give the dense "
+                   "result (within the bound of the dense float64 reference)",
+                   _raise_as_declared_passes(_sparse_matches_dense), applies=_declares_sparse),
+    DecodeProperty("index_order_invariant", "permuting a query's index list leaves its result unchanged "
+                   "(bit-identical if the kernel declares index_order_independent, else within 2·bound)",
+                   _raise_as_declared_passes(_index_order_invariant), applies=_declares_sparse),
+    DecodeProperty("invalid_indices_ignored", "-1 entries anywhere are ignored, and positive indices past the "
+                   "pool are ignored like them (bit-identical result), or raise if the kernel declares so",
+                   _raise_as_declared_passes(_invalid_indices_ignored), applies=_declares_sparse),
+    DecodeProperty("quantizer_matches_format", "the kernel's FP8 quantiser writes the declared format: rope "
+                   "part bf16, scales float32 amax/448 (or declared powers of two), every value within half an "
+                   "e4m3 step", _quantizer_matches_format, applies=_declares_quantizer),
+)
+ALL_PROPERTIES = DECODE_PROPERTIES + FP8_SPARSE_PROPERTIES
+
+
+def properties_for(impl: Implementation) -> tuple[DecodeProperty, ...]:
+    """The properties that apply to `impl`: the general four, and the FP8/sparse ones it declares."""
+    return tuple(prop for prop in ALL_PROPERTIES if prop.applies(impl))
+
+
 def property_named(name: str) -> DecodeProperty:
-    for prop in DECODE_PROPERTIES:
+    for prop in ALL_PROPERTIES:
         if prop.name == name:
             return prop
-    raise ValueError(f"property must be one of {[p.name for p in DECODE_PROPERTIES]}; got {name!r}")
+    raise ValueError(f"property must be one of {[p.name for p in ALL_PROPERTIES]}; got {name!r}")
 
 
 @dataclass
@@ -184,9 +400,9 @@ def check(kernel: Callable | Implementation | str, case: DecodeCase | dict,
     if not isinstance(case, DecodeCase):
         raise TypeError(f"case must be a mla_verify DecodeCase or its dict; got {type(case).__name__}")
     verdicts = []
-    for name in properties or [p.name for p in DECODE_PROPERTIES]:
+    for name in properties or [p.name for p in properties_for(impl)]:
         prop = property_named(name)
-        if case.batch < prop.min_batch:
+        if case.batch < prop.min_batch or not prop.applies(impl):
             continue
         try:
             verdicts.append(CaseVerdict(name, ratios=prop.check(impl, prop.prepare(case))))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hypothesis import strategies as st
+from hypothesis import assume, strategies as st
 
-from mla_verify.decode.case import Q_LAYOUTS, REGIMES, SCALES, SERVING_LENGTH, DecodeCase, dtype_name
+from mla_verify.decode.case import (FP8_SCALES, INDEX_PATTERNS, Q_LAYOUTS, REGIMES, SCALES, SERVING_LENGTH, SINKS,
+                                    WIDE_RANGE_DTYPES, DecodeCase, dtype_name)
 from mla_verify.decode.contract import Capabilities
 
-__all__ = ["SPECIAL_HEADS", "DEFAULT_PAGES", "DEFAULT_WIDTHS", "CaseLimits", "decode_cases", "case_supported",
-           "pinned_cases"]
+__all__ = ["SPECIAL_HEADS", "DEFAULT_PAGES", "DEFAULT_WIDTHS", "SPECIAL_TOPK", "CaseLimits", "decode_cases",
+           "case_supported", "pinned_cases"]
 
 # the anchors' head counts, plus 17 (one past a 16-head group), MiniCPM3's 40 / GLM's 20 (a bug
 # needing more than one head group shrinks to the first partial group) and 2, 4 (s_q == h hides
@@ -24,6 +25,9 @@ SPECIAL_HEADS = (1, 2, 3, 4, 9, 16, 17, 20, 40, 63, 64, 65, 126, 128)
 DEFAULT_PAGES = (16, 64, 1, 4, 7, 128)
 # (d, head_dim_v): small widths for speed, the real 576/512, and MiniCPM3's 288/256.
 DEFAULT_WIDTHS = ((40, 32), (80, 64), (576, 512), (24, 8), (288, 256))
+# top-k widths: one entry, widths that are no multiple of any tile (7, 63, 65, 100), tile sizes,
+# and DeepSeek-V3.2's 2048
+SPECIAL_TOPK = (1, 7, 16, 63, 64, 65, 100, 128, 2048)
 
 
 @dataclass(frozen=True)
@@ -96,20 +100,62 @@ def decode_cases(draw: st.DrawFn, capabilities: Capabilities, limits: CaseLimits
     q_layout = draw(st.sampled_from(Q_LAYOUTS), label="q_layout")
     pooled = draw(st.booleans(), label="pooled_cache")
     sliced_table = draw(st.booleans(), label="sliced_block_table")
-    return DecodeCase(dtype=dtype, batch=batch, s_q=s_q, heads=heads, d=d, head_dim_v=head_dim_v,
+    case = DecodeCase(dtype=dtype, batch=batch, s_q=s_q, heads=heads, d=d, head_dim_v=head_dim_v,
                       page_size=page_size, lengths=lengths, causal=causal, regime=regime, scale=scale,
                       permute_pages=permute_pages, strided_cache=strided, extra_blocks=extra_blocks,
                       seed=seed, layout_seed=layout_seed, device=device, q_layout=q_layout, pooled_cache=pooled,
                       sliced_block_table=sliced_table)
+    if capabilities.kv_formats == ("native",) and not capabilities.sparse and not capabilities.attn_sink:
+        return case  # the original contract: nothing more is drawn (its examples stay as they were)
+    return draw(_fp8_sparse_fields(case, capabilities, max_work if not serving else limits.serving_work))
+
+
+def _packable(case: DecodeCase) -> bool:
+    return case.head_dim_v % 4 == 0 and (case.d - case.head_dim_v) % 2 == 0
+
+
+@st.composite
+def _fp8_sparse_fields(draw: st.DrawFn, case: DecodeCase, capabilities: Capabilities, max_work: int) -> DecodeCase:
+    """The cache format, scale regime, top-k layout and sinks, inside what the kernel declares."""
+    dense_ok = bool(capabilities.kv_formats)
+    sparse = capabilities.sparse and (not dense_ok or draw(st.booleans(), label="sparse"))
+    formats = [f for f in (capabilities.sparse_kv_formats if sparse else capabilities.kv_formats)
+               if f != "fp8_ds_mla" or _packable(case)]
+    if not formats:  # the drawn widths fit no declared format of this mode (odd widths)
+        assume(dense_ok and "native" in capabilities.kv_formats)
+        return case
+    kv_format = draw(st.sampled_from(formats), label="kv_format")
+    fp8_scales = "amax"
+    if kv_format != "native":
+        wide = (case.dtype in WIDE_RANGE_DTYPES
+                and dtype_name(capabilities.dequant_for(case.torch_dtype)) in WIDE_RANGE_DTYPES)
+        fp8_scales = draw(st.sampled_from([r for r in FP8_SCALES if wide or not r.startswith("near")]),
+                          label="fp8_scales")
+    topk, pattern = 0, "subset"
+    if sparse:
+        cap = max(1, min(capabilities.max_topk, max_work // max(case.batch * case.s_q * case.heads * case.d, 1)))
+        if capabilities.topk_values is not None:
+            allowed = [k for k in capabilities.topk_values if k <= cap] or [min(capabilities.topk_values)]
+            topk = draw(st.sampled_from(allowed), label="topk")
+        else:
+            special = [k for k in SPECIAL_TOPK if k <= cap]
+            topk = draw(st.one_of(st.sampled_from(special), st.integers(1, cap)), label="topk")
+        pattern = draw(st.sampled_from(INDEX_PATTERNS), label="index_pattern")
+    sink = draw(st.sampled_from(SINKS), label="attn_sink") if capabilities.attn_sink else "none"
+    return case.replace(kv_format=kv_format, fp8_scales=fp8_scales, topk=topk, index_pattern=pattern,
+                        attn_sink=sink)
 
 
 def case_supported(capabilities: Capabilities, case: DecodeCase) -> bool:
     """Whether `case` lies within what the implementation declares (pinned examples use this)."""
     return (case.torch_dtype in capabilities.dtypes and capabilities.supports_heads(case.heads)
             and capabilities.supports_page(case.page_size) and capabilities.supports_dims(case.d, case.head_dim_v)
-            and case.s_q <= capabilities.max_s_q and (capabilities.causal or not case.causal)
+            and case.s_q <= capabilities.max_s_q and (capabilities.causal or not case.causal or case.sparse)
             and (capabilities.strided_cache or not case.strided_cache)
-            and any(case.device.split(":")[0] == device for device in capabilities.devices))
+            and any(case.device.split(":")[0] == device for device in capabilities.devices)
+            and capabilities.supports_format(case.kv_format, case.sparse)
+            and (not case.sparse or capabilities.supports_topk(case.topk))
+            and (capabilities.attn_sink or case.attn_sink == "none"))
 
 
 def pinned_cases(capabilities: Capabilities, device: str = "cpu", min_batch: int = 1) -> list[DecodeCase]:
@@ -130,4 +176,15 @@ def pinned_cases(capabilities: Capabilities, device: str = "cpu", min_batch: int
     cases = [base, base.replace(lengths=(1, page + 1), permute_pages=True)]
     if capabilities.causal and capabilities.max_s_q >= 2:
         cases.append(base.replace(s_q=2, causal=True, lengths=(page, page + 1), permute_pages=True, extra_blocks=2))
+    # FP8 and sparse regressions, for a kernel that declares them: scales that are not powers of two;
+    # a list with no valid entry next to one naming the pool's last slot (FlashMLA gives +inf there);
+    # positive indices past the pool
+    fp8 = [f for f in ("fp8_ds_mla", "fp8_e4m3") if f in capabilities.kv_formats]
+    if fp8:
+        cases.append(base.replace(kv_format=fp8[0], lengths=(page + 1, 3), permute_pages=True))
+    if capabilities.sparse:
+        topk = capabilities.topk_values[0] if capabilities.topk_values else min(7, capabilities.max_topk)
+        sparse = base.replace(kv_format=capabilities.sparse_kv_formats[0], topk=topk, lengths=(page + 1, 3),
+                              index_pattern="all_invalid")
+        cases += [sparse, sparse.replace(index_pattern="last_slot"), sparse.replace(index_pattern="with_invalid")]
     return [c for c in cases if case_supported(capabilities, c)]

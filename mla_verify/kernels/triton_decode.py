@@ -32,6 +32,21 @@ How it runs (read top to bottom):
 5. the configs (a shape heuristic, no autotuning: the same shapes always run the same code), the
    plan (split count) and the host wrappers.
 
+FP8 caches and sparse decode (the contract's keywords is_fp8_kvcache, k_scale, indices, attn_sink):
+
+- KV_FORMAT (constexpr) picks how `_load_tile` reads a tile of keys: the cache in q's dtype; the
+  fp8_ds_mla layout, read through three views of the same bytes (e4m3 latent, float32 scales, bf16
+  rope), latent value j dequantised as e4m3·scale[j // 128] in float32 and rounded to q's dtype for
+  the tensor-core dots, as FlashMLA does on Hopper; or the per-tensor e4m3 layout, every value times
+  k_scale, rounded likewise. The rounding to the input type is what the capabilities declare
+  (dequant_dtype: the input type).
+- SPARSE (constexpr): one program sequence per (batch row, query); its M rows are the heads, and the
+  key loop runs over the query's index list instead of a length: entry k names pool slot
+  idx = block·page_size + offset; entries with idx < 0 or idx >= num_blocks·page_size are masked
+  before any load (never read), their scores -inf. Splits cut the list into chunks like a length.
+- ATTN_SINK (constexpr): the final output (single split, or the merge) is multiplied by
+  1 / (1 + 2^(sink·log2 e − lse₂)); partial outputs and the lse are not.
+
 Masking: key slots at or past a sequence's length (or a causal row's limit) are never gathered:
 their block-table entries are not read (so unused entries may hold any id) and their cache rows
 are loaded as 0 (so NaN poison in them cannot reach the output through 0·NaN), and their scores
@@ -58,12 +73,18 @@ import triton
 import triton.language as tl
 
 from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
+from mla_verify.decode.fp8 import KV_FORMATS, SCALE_GROUP, split_packed
 
 __all__ = ["triton_paged_decode", "paged_decode", "DecodeConfig", "DecodePlan", "decode_config", "plan_decode",
            "launch_decode", "interpreting"]
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr global: usable inside kernels
+LOG2E_C = tl.constexpr(1.4426950408889634)
+FP8_GROUP = tl.constexpr(SCALE_GROUP)  # latent values sharing one float32 scale (fp8_ds_mla)
+# KV_FORMAT codes: the cache in q's dtype, the packed fp8_ds_mla layout, per-tensor e4m3
+NATIVE, FP8_DS_MLA, FP8_E4M3 = 0, 1, 2
+FORMAT_CODES = {"native": NATIVE, "fp8_ds_mla": FP8_DS_MLA, "fp8_e4m3": FP8_E4M3}
 # A split never covers fewer keys than this (except the last piece of a sequence): below it the
 # partial results written and merged cost more than the parallelism gains.
 MIN_SPLIT_TOKENS = 128
@@ -92,6 +113,12 @@ CAPABILITIES = Capabilities(
     deterministic=True,  # split count fixed by shapes and lengths; fixed-order merge; no atomics
     strided_cache=True,  # strides are passed to the kernel
     accumulation_dtype=torch.float32,  # fp32 dots are IEEE fp32 (no TF32)
+    kv_formats=KV_FORMATS,
+    sparse_kv_formats=KV_FORMATS,
+    attn_sink=True,
+    max_topk=2048,
+    invalid_indices="ignore",
+    dequant_dtype=None,  # dequantised values rounded to q's dtype for the dots
 )
 # Under Triton's interpreter (TRITON_INTERPRET=1, read by Triton when the kernels are defined) the
 # same kernels run on the CPU through numpy, where a bf16 tl.dot is wrong (a known Triton bug).
@@ -109,19 +136,70 @@ def interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _attend_range(acc, m_i, l_i, q_lat, q_rope, cache_ptr, table_ptr, start, end, row_limit, qk_scale, page_size,
-                  stride_cache_block, stride_cache_slot, stride_cache_col,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
-                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over key positions [start, end) of one sequence for BLOCK_M query rows.
-    acc [BLOCK_M, BLOCK_V] fp32 unnormalised output; m_i running max and l_i running sum of
-    2^(s - m_i), both [BLOCK_M] fp32, scores s in base-2 units."""
-    offs_n = tl.arange(0, BLOCK_N)
+def _load_tile(cache_ptr, scale_ptr, rope_ptr, k_scale, block, slot, in_range,
+               stride_cache_block, stride_cache_slot, stride_cache_col,
+               stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot, out_ty: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+               KV_FORMAT: tl.constexpr):
+    """BLOCK_N cache rows (block, slot int64 [BLOCK_N]; rows out of range are not read and load as 0)
+    as (latent [BLOCK_N, BLOCK_V], rope [BLOCK_N, BLOCK_R]) in out_ty, dequantised if FP8."""
     offs_v = tl.arange(0, BLOCK_V)
     offs_r = tl.arange(0, BLOCK_R)
     col_v = offs_v < HEAD_DIM_V
     col_r = offs_r < HEAD_DIM - HEAD_DIM_V
+    mask_v = in_range[:, None] & col_v[None, :]
+    mask_r = in_range[:, None] & col_r[None, :]
+    row = block * stride_cache_block + slot * stride_cache_slot
+    kv = tl.load(cache_ptr + row[:, None] + offs_v[None, :] * stride_cache_col, mask=mask_v, other=0.0)
+    if KV_FORMAT == 1:  # fp8_ds_mla: e4m3 latent · float32 scale of its group of 128; bf16 rope
+        row_scale = block * stride_scale_block + slot * stride_scale_slot
+        scale = tl.load(scale_ptr + row_scale[:, None] + (offs_v // FP8_GROUP)[None, :], mask=mask_v, other=0.0)
+        kv = (kv.to(tl.float32) * scale).to(out_ty)
+        row_rope = block * stride_rope_block + slot * stride_rope_slot
+        k_rope = tl.load(rope_ptr + row_rope[:, None] + offs_r[None, :], mask=mask_r, other=0.0).to(out_ty)
+    else:
+        k_rope = tl.load(cache_ptr + row[:, None] + (HEAD_DIM_V + offs_r)[None, :] * stride_cache_col, mask=mask_r,
+                         other=0.0)
+        if KV_FORMAT == 2:  # fp8_e4m3: every value · k_scale
+            kv = (kv.to(tl.float32) * k_scale).to(out_ty)
+            k_rope = (k_rope.to(tl.float32) * k_scale).to(out_ty)
+    return kv, k_rope
+
+
+@triton.jit
+def _online_step(acc, m_i, l_i, q_lat, q_rope, kv, k_rope, visible, qk_scale,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of the online softmax: scores, running max and sum, O += P·V."""
+    # -- scores: latent part and rope part, one fp32 accumulator --
+    s = tl.dot(q_lat, tl.trans(kv), input_precision=DOT_PRECISION)
+    if HEAD_DIM > HEAD_DIM_V:
+        s = tl.dot(q_rope, tl.trans(k_rope), s, input_precision=DOT_PRECISION)
+    s = s * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    # -- online softmax; a row with nothing visible so far keeps m = -inf and p = 0 --
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # -- O += P·V, P rounded to the input type (as FlashMLA does), V = the latent tile --
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q_lat, q_rope, cache_ptr, scale_ptr, rope_ptr, k_scale, table_ptr, start, end,
+                  row_limit, qk_scale, page_size,
+                  stride_cache_block, stride_cache_slot, stride_cache_col,
+                  stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FORMAT: tl.constexpr):
+    """Online softmax over key positions [start, end) of one sequence for BLOCK_M query rows.
+    acc [BLOCK_M, BLOCK_V] fp32 unnormalised output; m_i running max and l_i running sum of
+    2^(s - m_i), both [BLOCK_M] fp32, scores s in base-2 units."""
+    offs_n = tl.arange(0, BLOCK_N)
     # block ids of the first tile; each iteration fetches the next tile's, so the cache loads of an
     # iteration depend on no load of the same iteration and Triton's software pipeliner multi-
     # buffers them (with the ids loaded in the same iteration it kept a single buffer: every
@@ -131,32 +209,43 @@ def _attend_range(acc, m_i, l_i, q_lat, q_rope, cache_ptr, table_ptr, start, end
         # -- gather BLOCK_N cache rows through the block table; slots past `end` are not read --
         pos = start_n + offs_n
         in_range = pos < end
-        row = block.to(tl.int64) * stride_cache_block + (pos % page_size) * stride_cache_slot
+        this_block = block.to(tl.int64)
         block = tl.load(table_ptr + (pos + BLOCK_N) // page_size, mask=pos + BLOCK_N < end, other=0)
-        kv = tl.load(cache_ptr + row[:, None] + offs_v[None, :] * stride_cache_col,
-                     mask=in_range[:, None] & col_v[None, :], other=0.0)
-        # -- scores: latent part and rope part, one fp32 accumulator --
-        s = tl.dot(q_lat, tl.trans(kv), input_precision=DOT_PRECISION)
-        if HEAD_DIM > HEAD_DIM_V:
-            k_rope = tl.load(cache_ptr + row[:, None] + (HEAD_DIM_V + offs_r)[None, :] * stride_cache_col,
-                             mask=in_range[:, None] & col_r[None, :], other=0.0)
-            s = tl.dot(q_rope, tl.trans(k_rope), s, input_precision=DOT_PRECISION)
-        s = s * qk_scale
+        kv, k_rope = _load_tile(cache_ptr, scale_ptr, rope_ptr, k_scale, this_block, (pos % page_size).to(tl.int64),
+                                in_range, stride_cache_block, stride_cache_slot, stride_cache_col,
+                                stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
+                                q_lat.dtype, HEAD_DIM, HEAD_DIM_V, BLOCK_V, BLOCK_R, KV_FORMAT)
         if CAUSAL:
             visible = in_range[None, :] & (pos[None, :] < row_limit[:, None])
         else:
             visible = in_range[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        # -- online softmax; a row with nothing visible so far keeps m = -inf and p = 0 --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # -- O += P·V, P rounded to the input type (as FlashMLA does), V = the latent tile --
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, q_lat, q_rope, kv, k_rope, visible, qk_scale, HEAD_DIM,
+                                     HEAD_DIM_V, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_list(acc, m_i, l_i, q_lat, q_rope, cache_ptr, scale_ptr, rope_ptr, k_scale, index_ptr, stride_index,
+                 start, end, num_slots, qk_scale, page_size,
+                 stride_cache_block, stride_cache_slot, stride_cache_col,
+                 stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, KV_FORMAT: tl.constexpr):
+    """Online softmax over entries [start, end) of one query's index list: entry idx is pool slot
+    idx // page_size, idx % page_size; -1 and entries past the pool are masked before any load."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + offs_n
+        idx = tl.load(index_ptr + pos * stride_index, mask=pos < end, other=-1)
+        valid = (idx >= 0) & (idx < num_slots)
+        safe = tl.where(valid, idx, 0).to(tl.int64)
+        kv, k_rope = _load_tile(cache_ptr, scale_ptr, rope_ptr, k_scale, safe // page_size, safe % page_size, valid,
+                                stride_cache_block, stride_cache_slot, stride_cache_col,
+                                stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
+                                q_lat.dtype, HEAD_DIM, HEAD_DIM_V, BLOCK_V, BLOCK_R, KV_FORMAT)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, q_lat, q_rope, kv, k_rope, valid[None, :], qk_scale, HEAD_DIM,
+                                     HEAD_DIM_V, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -165,31 +254,39 @@ def _attend_range(acc, m_i, l_i, q_lat, q_rope, cache_ptr, table_ptr, start, end
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _split_kernel(Q, Cache, BlockTable, SeqLens, Out, Lse, OutPart, LsePart,
-                  qk_scale, page_size, num_rows, h_q, s_q, num_splits,
+def _split_kernel(Q, Cache, Scales, Rope, KScale, BlockTable, SeqLens, Indices, Sink, Out, Lse, OutPart, LsePart,
+                  qk_scale, page_size, num_rows, h_q, s_q, num_splits, num_slots, topk,
                   stride_qb, stride_qs, stride_qh, stride_qd,
                   stride_cache_block, stride_cache_slot, stride_cache_col,
-                  stride_tb,
+                  stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
+                  stride_tb, stride_ib, stride_is, stride_ik,
                   stride_ob, stride_os, stride_oh, stride_od,
                   stride_lb, stride_lh, stride_ls,
                   stride_pb, stride_ps, stride_pr, stride_lpb, stride_lps,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
-                  CAUSAL: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  CAUSAL: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  KV_FORMAT: tl.constexpr, SPARSE: tl.constexpr, ATTN_SINK: tl.constexpr):
     pid_m = tl.program_id(0)  # row group (fastest: groups sharing cache tiles run side by side)
     pid_s = tl.program_id(1)  # split
-    pid_b = tl.program_id(2).to(tl.int64)  # sequence
+    pid_b = tl.program_id(2).to(tl.int64)  # sequence (sparse: one per batch row and query)
 
-    seq_len = tl.load(SeqLens + pid_b)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    if SPARSE:  # rows are the heads of one query; its keys are the entries of its list
+        batch = pid_b // s_q
+        query = (pid_b % s_q) + rows * 0
+        head = rows
+        seq_len = topk
+    else:  # rows fold s_q·h_q: row r = query r // h_q, head r % h_q
+        batch = pid_b
+        query = rows // h_q
+        head = rows % h_q
+        seq_len = tl.load(SeqLens + pid_b)
     # this split's keys: chunks of whole tiles, the same count for every sequence
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = pid_s * chunk
     end = tl.minimum(start + chunk, seq_len)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < num_rows
-    query = rows // h_q
-    head = rows % h_q
     row_limit = seq_len - s_q + query + 1  # causal: query i sees positions < L - s_q + i + 1
     if CAUSAL:  # no key past the group's last visible position
         last_query = tl.minimum(s_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // h_q)
@@ -199,28 +296,44 @@ def _split_kernel(Q, Cache, BlockTable, SeqLens, Out, Lse, OutPart, LsePart,
     offs_r = tl.arange(0, BLOCK_R)
     col_v = offs_v < HEAD_DIM_V
     col_r = offs_r < HEAD_DIM - HEAD_DIM_V
-    q_row = Q + pid_b * stride_qb + query * stride_qs + head * stride_qh
+    q_row = Q + batch * stride_qb + query * stride_qs + head * stride_qh
     q_lat = tl.load(q_row[:, None] + offs_v[None, :] * stride_qd, mask=row_ok[:, None] & col_v[None, :], other=0.0)
     q_rope = tl.load(q_row[:, None] + (HEAD_DIM_V + offs_r)[None, :] * stride_qd,
                      mask=row_ok[:, None] & col_r[None, :], other=0.0)
+    k_scale = 1.0
+    if KV_FORMAT == 2:
+        k_scale = tl.load(KScale)
 
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q_lat, q_rope, Cache, BlockTable + pid_b * stride_tb, start, end,
-                                  row_limit, qk_scale, page_size, stride_cache_block, stride_cache_slot,
-                                  stride_cache_col, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_V, BLOCK_R, CAUSAL,
-                                  DOT_PRECISION)
+    if SPARSE:
+        index_ptr = Indices + batch * stride_ib + (pid_b % s_q) * stride_is
+        acc, m_i, l_i = _attend_list(acc, m_i, l_i, q_lat, q_rope, Cache, Scales, Rope, k_scale, index_ptr,
+                                     stride_ik, start, end, num_slots, qk_scale, page_size,
+                                     stride_cache_block, stride_cache_slot, stride_cache_col,
+                                     stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
+                                     HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_V, BLOCK_R, DOT_PRECISION, KV_FORMAT)
+    else:
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q_lat, q_rope, Cache, Scales, Rope, k_scale,
+                                      BlockTable + pid_b * stride_tb, start, end, row_limit, qk_scale, page_size,
+                                      stride_cache_block, stride_cache_slot, stride_cache_col,
+                                      stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_V, BLOCK_R, CAUSAL, DOT_PRECISION,
+                                      KV_FORMAT)
 
     # normalise; an empty row (l = 0) has acc = 0 and gets lse -inf
     has_key = l_i > 0.0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse2 = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
     if SINGLE_SPLIT:
-        out_ptr = Out + pid_b * stride_ob + query * stride_os + head * stride_oh
+        if ATTN_SINK:  # out · 1 / (1 + 2^(sink·log2 e − lse₂)); lse unchanged
+            sink = tl.load(Sink + head, mask=row_ok, other=0.0)
+            o = o * tl.where(has_key, 1.0 / (1.0 + tl.math.exp2(sink * LOG2E_C - lse2)), 0.0)[:, None]
+        out_ptr = Out + batch * stride_ob + query * stride_os + head * stride_oh
         tl.store(out_ptr[:, None] + offs_v[None, :] * stride_od, o.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & col_v[None, :])
-        tl.store(Lse + pid_b * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2, mask=row_ok)
+        tl.store(Lse + batch * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2, mask=row_ok)
     else:
         part = pid_b * stride_pb + pid_s * stride_ps + rows * stride_pr
         tl.store(OutPart + part[:, None] + offs_v[None, :], o, mask=row_ok[:, None] & col_v[None, :])
@@ -228,15 +341,22 @@ def _split_kernel(Q, Cache, BlockTable, SeqLens, Out, Lse, OutPart, LsePart,
 
 
 @triton.jit
-def _merge_kernel(OutPart, LsePart, Out, Lse, num_splits, h_q,
+def _merge_kernel(OutPart, LsePart, Sink, Out, Lse, num_splits, h_q, s_q,
                   stride_pb, stride_ps, stride_pr, stride_lpb, stride_lps,
                   stride_ob, stride_os, stride_oh, stride_od,
                   stride_lb, stride_lh, stride_ls,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
+                  HEAD_DIM_V: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
+                  SPARSE: tl.constexpr, ATTN_SINK: tl.constexpr):
     row = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    query = row // h_q
-    head = row % h_q
+    if SPARSE:  # sequence = (batch row, query), rows = heads
+        batch = pid_b // s_q
+        query = pid_b % s_q
+        head = row
+    else:
+        batch = pid_b
+        query = row // h_q
+        head = row % h_q
     offs_v = tl.arange(0, BLOCK_V)
     col_v = offs_v < HEAD_DIM_V
     offs_s = tl.arange(0, BLOCK_S)
@@ -255,10 +375,13 @@ def _merge_kernel(OutPart, LsePart, Out, Lse, num_splits, h_q,
         acc += tl.where(weight > 0.0, weight * o, 0.0)
     has_key = total > 0.0
     out = acc / tl.where(has_key, total, 1.0)
-    lse = tl.where(has_key, (m_safe + tl.math.log2(tl.where(has_key, total, 1.0))) * LN2, float("-inf"))
-    tl.store(Out + pid_b * stride_ob + query * stride_os + head * stride_oh + offs_v * stride_od,
+    lse2 = tl.where(has_key, m_safe + tl.math.log2(tl.where(has_key, total, 1.0)), float("-inf"))
+    if ATTN_SINK:  # out · 1 / (1 + 2^(sink·log2 e − lse₂)); lse unchanged
+        sink = tl.load(Sink + head)
+        out = out * tl.where(has_key, 1.0 / (1.0 + tl.math.exp2(sink * LOG2E_C - lse2)), 0.0)
+    tl.store(Out + batch * stride_ob + query * stride_os + head * stride_oh + offs_v * stride_od,
              out.to(Out.dtype.element_ty), mask=col_v)
-    tl.store(Lse + pid_b * stride_lb + head * stride_lh + query * stride_ls, lse)
+    tl.store(Lse + batch * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,14 +463,20 @@ def _split_count(units: int, max_len: int, config: DecodeConfig, sm_count: int) 
 
 
 def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int,
-                num_splits: int | None = None, config: DecodeConfig | None = None) -> DecodePlan:
-    """The config and split count for these inputs (reads max(cache_seqlens): a host sync)."""
+                num_splits: int | None = None, config: DecodeConfig | None = None,
+                indices: torch.Tensor | None = None) -> DecodePlan:
+    """The config and split count for these inputs (reads max(cache_seqlens): a host sync; with
+    sparse indices the longest list is their topk and nothing is read)."""
     b, s_q, h_q, d = q.shape
-    num_rows = s_q * h_q
+    sequences, num_rows = (b * s_q, h_q) if indices is not None else (b, s_q * h_q)
     config = config or decode_config(q.dtype, num_rows, d, head_dim_v)
     if num_splits is None:
-        max_len = int(cache_seqlens.max()) if b else 0
-        num_splits = _split_count(b * triton.cdiv(num_rows, config.block_m), max_len, config, _sm_count(q.device))
+        if indices is not None:
+            max_len = indices.shape[-1]
+        else:
+            max_len = int(cache_seqlens.max()) if b else 0
+        num_splits = _split_count(sequences * triton.cdiv(num_rows, config.block_m), max_len, config,
+                                  _sm_count(q.device))
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1; got {num_splits!r}")
     return DecodePlan(config=config, num_splits=num_splits)
@@ -358,12 +487,14 @@ def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Te
 # ----------------------------------------------------------------------------------------------
 
 def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-                  head_dim_v: int, softmax_scale: float, causal: bool, plan: DecodePlan
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  head_dim_v: int, softmax_scale: float, causal: bool, plan: DecodePlan, *, kv_format: str = "native",
+                  k_scale: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+                  attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Allocate the outputs and launch; no validation and no host sync (graph-capturable)."""
     b, s_q, h_q, d = q.shape
     page_size = kv_cache.shape[1]
-    num_rows = s_q * h_q
+    sparse = indices is not None
+    sequences, num_rows = (b * s_q, h_q) if sparse else (b, s_q * h_q)
     config, num_splits = plan.config, plan.num_splits
     out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
@@ -373,33 +504,43 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     if single:
         out_part = lse_part = out  # unused
     else:
-        out_part = torch.empty(b, num_splits, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(b, num_splits, num_rows, dtype=torch.float32, device=q.device)
+        out_part = torch.empty(sequences, num_splits, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(sequences, num_splits, num_rows, dtype=torch.float32, device=q.device)
+    # the cache as the kernel reads it: for fp8_ds_mla three views of the same bytes
+    cache = scales = rope = kv_cache
+    if kv_format == "fp8_ds_mla":
+        cache, scales, rope = split_packed(kv_cache, d, head_dim_v)
+    index_strides = indices.stride() if sparse else (0, 0, 0)
     block_v = _pow2_at_least(head_dim_v)
     block_r = _pow2_at_least(d - head_dim_v)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
-    grid = (triton.cdiv(num_rows, config.block_m), num_splits, b)
+    grid = (triton.cdiv(num_rows, config.block_m), num_splits, sequences)
     _split_kernel[grid](
-        q, kv_cache, block_table, cache_seqlens, out, lse, out_part, lse_part,
-        softmax_scale * LOG2E, page_size, num_rows, h_q, s_q, num_splits,
+        q, cache, scales, rope, k_scale if k_scale is not None else q, block_table, cache_seqlens,
+        indices if sparse else block_table, attn_sink if attn_sink is not None else q, out, lse, out_part, lse_part,
+        softmax_scale * LOG2E, page_size, num_rows, h_q, s_q, num_splits, kv_cache.shape[0] * page_size,
+        indices.shape[-1] if sparse else 0,
         *q.stride(),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(3),
-        block_table.stride(0),
+        cache.stride(0), cache.stride(1), cache.stride(3),
+        scales.stride(0), scales.stride(1), rope.stride(0), rope.stride(1),
+        block_table.stride(0), *index_strides,
         *out.stride(),
         *lse.stride(),
         num_splits * num_rows * head_dim_v, num_rows * head_dim_v, head_dim_v, num_splits * num_rows, num_rows,
         HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_V=block_v, BLOCK_R=block_r,
-        CAUSAL=bool(causal), SINGLE_SPLIT=single, DOT_PRECISION=precision,
+        CAUSAL=bool(causal) and not sparse, SINGLE_SPLIT=single, DOT_PRECISION=precision,
+        KV_FORMAT=FORMAT_CODES[kv_format], SPARSE=sparse, ATTN_SINK=attn_sink is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if not single:
-        _merge_kernel[(num_rows, b)](
-            out_part, lse_part, out, lse, num_splits, h_q,
+        _merge_kernel[(num_rows, sequences)](
+            out_part, lse_part, attn_sink if attn_sink is not None else q, out, lse, num_splits, h_q, s_q,
             num_splits * num_rows * head_dim_v, num_rows * head_dim_v, head_dim_v, num_splits * num_rows, num_rows,
             *out.stride(),
             *lse.stride(),
             HEAD_DIM_V=head_dim_v, BLOCK_V=block_v, BLOCK_S=triton.next_power_of_2(num_splits),
+            SPARSE=sparse, ATTN_SINK=attn_sink is not None,
             num_warps=max(1, min(4, block_v // 128)),
         )
     return out, lse
@@ -425,13 +566,21 @@ def _check_supported(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-                 head_dim_v: int, softmax_scale: float, causal: bool = False, *, num_splits: int | None = None,
+                 head_dim_v: int, softmax_scale: float, causal: bool = False, *, is_fp8_kvcache: bool = False,
+                 k_scale: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+                 attn_sink: torch.Tensor | None = None, num_splits: int | None = None,
                  config: DecodeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """triton_paged_decode with the split count and the config open to override (tests, sweeps)."""
-    validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    kv_format = validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v,
+                                       is_fp8_kvcache=is_fp8_kvcache, k_scale=k_scale, indices=indices,
+                                       attn_sink=attn_sink)
     _check_supported(q, kv_cache, block_table, cache_seqlens, head_dim_v)
-    plan = plan_decode(q, kv_cache, cache_seqlens, head_dim_v, num_splits=num_splits, config=config)
-    return launch_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, float(softmax_scale), causal, plan)
+    for name, tensor in (("k_scale", k_scale), ("indices", indices), ("attn_sink", attn_sink)):
+        if tensor is not None and tensor.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {tensor.device}")
+    plan = plan_decode(q, kv_cache, cache_seqlens, head_dim_v, num_splits=num_splits, config=config, indices=indices)
+    return launch_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, float(softmax_scale), causal, plan,
+                         kv_format=kv_format, k_scale=k_scale, indices=indices, attn_sink=attn_sink)
 
 
 def _declared() -> Capabilities:
@@ -441,8 +590,12 @@ def _declared() -> Capabilities:
 @declare(_declared())
 def triton_paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                         cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
-                        causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        causal: bool = False, *, is_fp8_kvcache: bool = False, k_scale: torch.Tensor | None = None,
+                        indices: torch.Tensor | None = None,
+                        attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode (see the module docstring for shapes). Returns out [b, s_q, h_q,
     head_dim_v] in q.dtype and lse [b, h_q, s_q] float32 (natural log); a row that sees no key
-    gets out 0 and lse -inf. Inputs are not modified."""
-    return paged_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+    gets out 0 and lse -inf. Inputs are not modified. FP8 caches (is_fp8_kvcache, k_scale),
+    sparse indices and attention sinks follow mla_verify.decode.contract."""
+    return paged_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                        is_fp8_kvcache=is_fp8_kvcache, k_scale=k_scale, indices=indices, attn_sink=attn_sink)

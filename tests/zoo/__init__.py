@@ -16,10 +16,11 @@ from typing import Callable
 from mla_verify.decode.checks import FailureKind, Implementation
 from mla_verify.decode.contract import capabilities_of
 
-from . import cross_row, determinism, heads, interface, legit, lse, masking, paging, precision, scale, split_kv, subtle
+from . import (cross_row, determinism, fp8, heads, interface, legit, lse, masking, paging, precision, scale, sparse,
+               split_kv, subtle)
 from .common import correct_decode
 
-__all__ = ["ZooKernel", "ZOO", "BENIGN_CASE", "implementation", "correct_decode", "legit"]
+__all__ = ["ZooKernel", "ZOO", "BENIGN_CASE", "implementation", "correct_decode", "legit", "fp8", "sparse"]
 
 K = FailureKind
 
@@ -102,6 +103,21 @@ ZOO = (
     # (its second failure may be met first in a serving-scale case, whose lengths shrink only to half the cap)
     _zoo(subtle.two_bugs_empty_nan_and_one_head_bf16_scores, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES,
          benign={"heads": 2}, distinct=2, min_length=16384),
+    # FP8 latent caches (mla_verify.decode.fp8): each benign where its misreading changes nothing
+    _zoo(fp8.scales_per_64_values, M, K.WRONG_LSE, K.WRONG_VALUES, K.NONFINITE, benign={"kv_format": "fp8_ds_mla"}),
+    _zoo(fp8.scales_rounded_to_power_of_two, M, K.WRONG_LSE, K.WRONG_VALUES,
+         benign={"kv_format": "fp8_ds_mla", "fp8_scales": "power_of_two"}),
+    _zoo(fp8.rope_part_quantized, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"kv_format": "native"}),
+    _zoo(fp8.v_not_dequantized, M, K.WRONG_VALUES, benign={"kv_format": "native"}),
+    _zoo(fp8.quantizer_writes_power_of_two_scales, "quantizer_matches_format", K.QUANTIZER_OUT_OF_SPEC),
+    # sparse (top-k) decode (mla_verify.decode.sparse)
+    _zoo(sparse.minus_one_reads_slot_zero, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES,
+         benign={"topk": 5, "index_pattern": "all_visible"}),
+    _zoo(sparse.reads_indices_past_the_pool, "invalid_indices_ignored", K.INVALID_INDEX_USED, K.EXCEPTION,
+         K.NONFINITE, benign={"topk": 5, "index_pattern": "all_visible"}),
+    # only the causal limit tells the queries' lists apart in sparse ≡ dense: caught on causal s_q ≥ 2
+    _zoo(sparse.one_index_list_for_every_query, "sparse_matches_dense", K.SPARSE_DENSE_MISMATCH,
+         benign={"topk": 5, "index_pattern": "subset"}),
 )
 
 
