@@ -61,6 +61,8 @@ def absorbed_matches_naive(factory: str | LayerFactory, case: LayerCase, device:
                             kind="absorbed vs naive", stage=stage, ratio=ratio, tier=tier)
 
     stages: dict[str, float] = {}
+    # the worst stage check: (ratio, observed, allowed, index in the whole sequence)
+    worst_stage = (0.0, 0.0, 0.0, ())
     common = [name for name in decoded.intermediates if name in prefilled.intermediates]
     if common:
         names = tuple(name for name in CHECKPOINTS if name in common) + ("out",)
@@ -76,8 +78,10 @@ def absorbed_matches_naive(factory: str | LayerFactory, case: LayerCase, device:
             ratio, index = worst_ratio((value_a - value_b).abs()[:, tokens], allowed)
             stage = " + ".join(stage_of(name, set(common)))
             stages[stage] = max(stages.get(stage, 0.0), ratio)
+            at = (index[0], index[1] + case.prefill, *index[2:]) if index else ()
+            if index and ratio > worst_stage[0]:
+                worst_stage = (ratio, float((value_a - value_b).abs()[at]), float(allowed[index]), at)
             if not ratio <= 1:
-                at = (index[0], index[1] + case.prefill, *index[2:])
                 raise fail(f"|{name}_A - {name}_B| / (E_A + |ref_A - ref_B| + E_B)", ratio,
                            f" at {name}{list(at)}: A {float(value_a[at]):.17g}, B {float(value_b[at]):.17g}, allowed "
                            f"{float(allowed[index]):.3g}", stage)
@@ -103,11 +107,17 @@ def absorbed_matches_naive(factory: str | LayerFactory, case: LayerCase, device:
                        f" on row [b, s] = {[row[0], row[1] + case.prefill]}, relative difference {relative:.3g}",
                        tier="sharp")
     ratio = max([end_to_end, *stages.values()])
-    worst = max(stages, key=stages.get) if stages and max(stages.values()) >= end_to_end else "end to end"
+    if stages and worst_stage[0] >= end_to_end:
+        worst = max(stages, key=stages.get)
+        _, observed, allowed_at, where = worst_stage
+    else:
+        worst = "end to end"
+        where = (index[0], index[1] + case.prefill, *index[2:]) if index else ()
+        observed = float(difference.abs()[index]) if index else 0.0
+        allowed_at = float(bound[index]) if index else 0.0
     coarsest = precision.resolved(dtype).coarsest
     scale = max(float(judged.reference.abs().max()), 1e-300)
-    return LayerReport(ratio=ratio, observed=float(difference.abs()[index]) if index else 0.0,
-                       bound=float(bound[index]) if index else 0.0, index=index, relative_error=relative,
+    return LayerReport(ratio=ratio, observed=observed, bound=allowed_at, index=where, relative_error=relative,
                        amplification=float(bound.max()) / (unit_roundoff(coarsest) * scale), precision=described,
                        stages=stages, end_to_end=end_to_end, sharp_ratio=sharp_ratio,
                        precision_class=precision.precision_class(dtype), worst=worst,
