@@ -80,6 +80,13 @@ DECODE_ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
             "pip install sglang",
             "sglang.srt.layers.attention.triton_ops.decode_attention.decode_attention_fwd "
             "(attn_lse, max_kv_splits, k_scale/v_scale); older signatures are bound by name"),
+    Adapter("flashmla-sparse", "mla_verify.adapters.flashmla:flashmla_sparse_decode", "flash_mla", "flash-mla",
+            "pip install flash-mla (or build github.com/deepseek-ai/FlashMLA from source; SM90)",
+            "FlashMLA 1.0.0 flash_mla_with_kvcache(..., is_fp8_kvcache=True, indices, attn_sink)"),
+    Adapter("vllm-triton-fp8", "mla_verify.adapters.vllm:vllm_triton_fp8_decode", "vllm", "vllm", "pip install vllm",
+            "decode_attention_fwd(..., k_scale) over a per-tensor FP8 e4m3 cache"),
+    Adapter("sglang-triton-fp8", "mla_verify.adapters.sglang:sglang_triton_fp8_decode", "sglang", "sglang",
+            "pip install sglang", "decode_attention_fwd(..., k_scale, v_scale, sinks) over a per-tensor FP8 cache"),
 )}
 
 LAYER_ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
