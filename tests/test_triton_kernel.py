@@ -8,7 +8,9 @@ read its verdicts, one test per case. Each case is judged by the suite's own mac
 unused block-table entries, canaries around q and the strided cache, input integrity, exact empty
 rows (out 0, lse -inf) and out/lse within the case's derived float64-reference bound
 (mla_verify.decode.bounds, the project's one tolerance model); then a second call must be
-bit-identical (the kernel declares itself deterministic).
+bit-identical (the kernel declares itself deterministic). FP8 caches (both layouts), sparse index
+lists (invalid entries, duplicates, the pool's last slot, all invalid) and sinks have cases of their
+own.
 
 bfloat16 is not run here: a bf16 tl.dot in the interpreter returns garbage (~1e10 for unit-scale
 inputs, an upstream interpreter bug), so those cases are skipped with that reason; bf16 is checked
@@ -110,7 +112,30 @@ def _cases() -> list[KernelCase]:
         # s_q = 8 (the declared maximum), causal
         KernelCase("fp16-sq8-causal", _case("float16", b=2, s_q=8, h=2, lengths=(12, 5), causal=True)),
     ]
+    # FP8 caches (dequantised in the kernel to q's dtype), sparse index lists, sinks
+    fp8 = dict(widths=(48, 32), page=4, lengths=(5, 19), strided=True)
+    cases += [
+        KernelCase("fp32-fp8-ds-mla-causal", _fp8(_case("float32", b=2, s_q=2, h=3, causal=True, **fp8), "fp8_ds_mla"),
+                   num_splits=3),
+        KernelCase("fp16-fp8-ds-mla-two-groups", _fp8(_case("float16", b=2, h=17, widths=(288, 256), lengths=(9, 3)),
+                                                      "fp8_ds_mla", sink="finite")),
+        KernelCase("fp16-fp8-e4m3-sink", _fp8(_case("float16", b=2, s_q=2, h=3, causal=True, **fp8), "fp8_e4m3",
+                                              sink="infinite"), num_splits=2),
+        KernelCase("fp32-sparse-invalid-splits", _fp8(_case("float32", b=2, s_q=2, h=3, causal=True, **fp8), "native",
+                                                      topk=21, pattern="with_invalid"), num_splits=3),
+        KernelCase("fp16-sparse-fp8-duplicates", _fp8(_case("float16", b=2, s_q=3, h=17, causal=True, **fp8),
+                                                      "fp8_ds_mla", topk=18, pattern="duplicates", sink="finite"),
+                   num_splits=2),
+        KernelCase("fp16-sparse-e4m3-last-slot", _fp8(_case("float16", b=2, h=3, **fp8), "fp8_e4m3", topk=7,
+                                                      pattern="last_slot")),
+        KernelCase("fp32-sparse-all-invalid", _fp8(_case("float32", b=2, h=3, **fp8), "native", topk=5,
+                                                   pattern="all_invalid"), num_splits=2),
+    ]
     return cases
+
+
+def _fp8(case: DecodeCase, kv_format: str, topk: int = 0, pattern: str = "subset", sink: str = "none") -> DecodeCase:
+    return case.replace(kv_format=kv_format, topk=topk, index_pattern=pattern, attn_sink=sink)
 
 
 CASES = {kc.id: kc for kc in _cases()}
@@ -215,6 +240,8 @@ def test_declared_capabilities():
     assert caps.max_heads == 128 and caps.max_s_q == 8 and caps.causal
     assert caps.deterministic and caps.strided_cache and caps.lse_base == "e" and caps.empty_row_lse == -math.inf
     assert caps.page_sizes is None and caps.head_dims is None
+    assert set(caps.kv_formats) == set(caps.sparse_kv_formats) == {"native", "fp8_ds_mla", "fp8_e4m3"}
+    assert caps.attn_sink and caps.dequant_dtype is None  # FP8 values rounded to q's dtype for the dots
     # every page size and width the cases above exercise is inside the declaration
     assert all(caps.supports_page(kc.case.page_size) for kc in CASES.values())
 

@@ -125,9 +125,9 @@ def flashmla_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     """FlashMLA's sparse FP8 decode on the contract's tensors (see the module docstring)."""
     validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache=is_fp8_kvcache,
                            indices=indices, attn_sink=attn_sink)
+    flash_mla = _flash_mla()
     if indices is None or not is_fp8_kvcache:
         raise ValueError("flashmla_sparse_decode needs indices and an fp8_ds_mla cache (is_fp8_kvcache=True)")
-    flash_mla = _flash_mla()
     _, s_q, h_q, _ = q.shape
     metadata, num_splits = flash_mla.get_mla_metadata(**sparse_metadata_arguments(
         parameter_names(flash_mla.get_mla_metadata), cache_seqlens, s_q, h_q, kv_cache.shape[2], indices.shape[-1]))

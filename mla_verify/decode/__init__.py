@@ -8,4 +8,6 @@ reference.
     bounds       the sound and sharp error bounds of a case
     checks       calling a kernel, comparing with the reference, failure kinds and signatures
     properties   the decode properties a certificate runs, and `check` for one case by hand
+    fp8          the FP8 cache formats (fp8_ds_mla, per-tensor e4m3), exact dequantisation, the quantiser
+    sparse       sparse (top-k) index rules, how the suite lays index lists out, attention sinks
 """

@@ -114,7 +114,7 @@ ZOO = (
     _zoo(sparse.minus_one_reads_slot_zero, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES,
          benign={"topk": 5, "index_pattern": "all_visible"}),
     _zoo(sparse.reads_indices_past_the_pool, "invalid_indices_ignored", K.INVALID_INDEX_USED, K.EXCEPTION,
-         K.NONFINITE, benign={"topk": 5, "index_pattern": "all_visible"}),
+         K.NONFINITE, benign={"topk": 1}),  # one valid entry and no -1 to replace
     # only the causal limit tells the queries' lists apart in sparse ≡ dense: caught on causal s_q ≥ 2
     _zoo(sparse.one_index_list_for_every_query, "sparse_matches_dense", K.SPARSE_DENSE_MISMATCH,
          benign={"topk": 5, "index_pattern": "subset"}),
