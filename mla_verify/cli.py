@@ -42,6 +42,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number ≥ 1, got {value}")
+    return value
+
+
 def _seconds(text: str) -> float | None:
     try:
         value = float(text)
@@ -140,16 +152,10 @@ def _check_selection(impl, args: argparse.Namespace) -> None:
 
 
 def _write_outputs(certificate_data: dict, args: argparse.Namespace, markdown: str | None) -> None:
-    if getattr(args, "json", None):
-        Path(args.json).write_text(json.dumps(certificate_data, indent=2) + "\n")
-    if getattr(args, "markdown", None) and markdown is not None:
-        Path(args.markdown).write_text(markdown)
-    if getattr(args, "html", None):
-        from mla_verify.certify.report import render_comparison_html, render_html
+    from mla_verify.certify.certificate import write_outputs
 
-        html = (render_comparison_html(certificate_data["certificates"]) if "certificates" in certificate_data
-                else render_html(certificate_data))
-        Path(args.html).write_text(html, encoding="utf-8")
+    write_outputs(certificate_data, getattr(args, "json", None), getattr(args, "markdown", None),
+                  getattr(args, "html", None), markdown)
 
 
 def _check_report_available(args: argparse.Namespace) -> None:
@@ -165,10 +171,85 @@ def _check_report_available(args: argparse.Namespace) -> None:
 def _certify_one(impl, args: argparse.Namespace, progress):
     from mla_verify.certify.runner import certify
 
+    if getattr(args, "workers", 1) > 1:
+        return _certify_on_workers(impl, args, progress)
     return certify(impl, profile=args.profile, device=args.device, max_examples=args.max_examples, seed=args.seed,
                    counterexamples=args.counterexamples, isolate=args.isolate, properties=args.property,
                    strict=args.strict, progress=progress, timeout_s=args.timeout, command=_command_line(),
                    dtypes=args.dtype)
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    """--workers: 'auto' becomes a number (a worker per visible GPU with --device cuda, else one per
+    CPU core); more than one needs pytest-xdist and a device each worker can have (cpu, or cuda: one
+    GPU each)."""
+    from mla_verify.certify.workers import auto_workers
+
+    if args.workers == "auto":
+        args.workers = auto_workers(args.device)
+    if args.workers == 1:
+        if getattr(args, "parts", None):
+            raise UsageError(f"--parts {args.parts}: the parts of a property's search run on workers; add --workers N "
+                             "(N > 1), or drop --parts")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("xdist") is None:
+        raise UsageError(f"--workers {args.workers}: running on several workers needs pytest-xdist: "
+                         "pip install 'mla-verify[workers]' (or --workers 1)")
+    if args.device.startswith("cuda:"):
+        raise UsageError(f"--workers {args.workers} --device {args.device}: each worker gets a GPU of its own with "
+                         f"--device cuda; to use the one GPU {args.device}, pass --workers 1")
+
+
+def _certify_on_workers(impl, args: argparse.Namespace, progress):
+    """`certify --workers N` (N > 1): pytest with pytest-xdist on mla_verify.certify.suite with the
+    plugin's options, in this process (its output kept unless it fails to run); the plugin merges
+    the workers' parts into one certificate."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from mla_verify import plugin
+    from mla_verify.certify import suite
+    from mla_verify.certify.halves import NothingToCertify
+
+    suite_path = Path(suite.__file__)
+    # no faulthandler: a worker that crashes is reported in the certificate, not by a stack dump
+    argv = [str(suite_path), "-n", str(args.workers), "-q", "-p", "no:cacheprovider", "-p", "no:faulthandler",
+            "--noconftest",
+            "-c", os.devnull, "--rootdir", str(suite_path.parent), "--tb=no", "-o", "console_output_style=classic",
+            "--mla-layer" if _is_layer(impl) else "--mla-impl", impl.name, "--mla-profile", args.profile,
+            "--mla-device", args.device, "--mla-seed", str(args.seed), "--mla-counterexamples", args.counterexamples,
+            "--mla-timeout", str(args.timeout or 0), "--mla-progress", "none" if args.quiet else "lines",
+            "--mla-command", _command_line()]
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        argv += ["-p", "xdist.plugin", "-p", "mla_verify.plugin"]
+    if args.max_examples:
+        argv += ["--mla-max-examples", str(args.max_examples)]
+    if args.parts:
+        argv += ["--mla-parts", str(args.parts)]
+    for flag in ("isolate", "strict"):
+        if getattr(args, flag):
+            argv.append(f"--mla-{flag}")
+    for dtype in args.dtype or ():
+        argv += ["--mla-dtype", dtype]
+    for name in args.property or ():
+        argv += ["--mla-property", name]
+    progress.note(f"{args.workers} workers (pytest-xdist) on {args.device}, seed {args.seed}")
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = pytest.main(argv)
+    if code == pytest.ExitCode.INTERRUPTED:
+        raise KeyboardInterrupt
+    certificates, problems = plugin.session_certificates()
+    if problems and not certificates:
+        raise NothingToCertify(problems[0])
+    if len(certificates) != 1:
+        tail = "\n".join(output.getvalue().strip().splitlines()[-15:])
+        raise UsageError(f"the workers produced no certificate (pytest exit code {int(code)}):\n{tail}")
+    return certificates[0]
 
 
 def _command_line() -> str:
@@ -186,6 +267,11 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         _check_output_file(f"--{option}", getattr(args, option))
     _check_output_folder("--counterexamples", args.counterexamples)
     _check_report_available(args)
+    _check_workers(args)
+    if args.workers > 1 and args.seed is None:
+        import random
+
+        args.seed = random.randrange(2**32)  # chosen here: the workers' seeds derive from it
     progress = progress_for(args.quiet)
     kind = "layer" if _is_layer(impl) else "decode kernel"
     progress.note(f"certifying {kind} {impl.name} ({impl.spec}) on {args.device}, profile {args.profile}")
@@ -232,6 +318,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         _check_output_file(f"--{option}", getattr(args, option))
     _check_output_folder("--counterexamples", args.counterexamples)
     _check_report_available(args)
+    _check_workers(args)
     if args.seed is None:
         import random
 
@@ -474,6 +561,14 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--strict", action="store_true",
                          help="a case the kernel declines although its capabilities claim it is a failure")
     command.add_argument("--quiet", action="store_true", help="no progress output")
+    command.add_argument("--parts", type=_positive_int,
+                         help="with --workers: split each property's search into this many parts, each with its own "
+                              "seed and share of the examples (default: one per worker; more parts balance the "
+                              "workers better when case costs vary, and give the same cases on any number of workers)")
+    command.add_argument("--workers", type=_workers, default=1,
+                         help="run the cases on N processes with pytest-xdist, merged into one certificate: 'auto' "
+                              "is one per visible GPU with --device cuda (each worker on its own GPU), else one per "
+                              "CPU core (default 1: in this process)")
 
 
 class _Parser(argparse.ArgumentParser):

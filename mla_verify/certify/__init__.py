@@ -7,6 +7,10 @@
                     record, judging one case (`DecodeHalf`, `LayerHalf`)
     runner          the search in rounds for every distinct failure, each case optionally in a
                     child process, and `certify`
+    workers         several workers, one certificate: each property's search in parts (a seed
+                    and a share of the examples each) on pytest-xdist workers, one GPU per worker,
+                    and the merge of the parts into one certificate
+    suite           the certification as pytest tests, which `certify --workers N` runs with -n N
     certificate     per-property reports and the certificate (JSON, Markdown), with provenance
     counterexample  a failure's artifact folder (case.json, inputs.pt, repro.py) and its replay
     progress        progress bars or lines while a run goes

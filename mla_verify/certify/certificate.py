@@ -9,7 +9,7 @@ the strings "inf", "-inf", "nan"):
     versions        {mla_verify, torch, hypothesis, numpy, python, [triton], [the library behind an adapter]}
     device          {type, name}
     provenance      {created, command, revision, kernel_source {path, sha256}, cpu, host}
-    settings        {profile, max_examples, seed, isolated, strict, timeout_s, properties, dtypes, limits}
+    settings        {profile, max_examples, seed, isolated, strict, timeout_s, properties, dtypes, limits, workers}
     verdict         "pass" | "pass with declined cases" | "fail"
     headline        "PASS" | "PASS with declined cases (k of n cases declined)" | "FAIL: N distinct failures";
                     a layer's adds " — precision class: …"
@@ -23,6 +23,9 @@ the strings "inf", "-inf", "nan"):
                               max_length, regime, ...}],
                       layer only: max_stage_ratios {stage: ratio}, max_relative_error, precision_classes}]
     not_covered     [str]                             what the declaration left out and the limits drawn
+    workers         [{id, device, name, [visible_devices], [parts]}]  the processes that ran the cases:
+                    "main" in-process; "gw0", "gw1", ... in a parallel run (mla_verify.certify.workers),
+                    each with the parts it ran {property, part, seed, examples, elapsed_s}
     elapsed_s       float
 max_ratio / max_sharp_ratio are the largest observed error / tolerance of each tier over the cases
 that passed (≤ 1); worst_case / worst_sharp_case the cases that reached them, and worst says where
@@ -32,6 +35,7 @@ steps included; a failing case carries the ratio of the tier it failed, when it 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import inspect
@@ -54,7 +58,7 @@ from mla_verify.decode.case import DecodeCase
 from mla_verify.decode.checks import Ratios
 
 __all__ = ["SCHEMA", "PropertyReport", "Certificate", "json_safe", "certificate_markdown", "is_layer_certificate",
-           "provenance", "versions", "device_info"]
+           "provenance", "versions", "device_info", "write_outputs"]
 
 SCHEMA = "mla-verify-certificate/3"
 
@@ -114,6 +118,15 @@ class PropertyReport:
         data.update(self.extra)
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict, coverage: object) -> PropertyReport:
+        """The report `to_dict()` wrote (what one half adds back in `extra`), with its coverage rebuilt
+        by the caller (the half's coverage class)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "coverage"}
+        report = cls(**{name: data[name] for name in names if name in data}, coverage=coverage)
+        report.extra = {key: value for key, value in data.items() if key not in names | {"coverage", "verdict"}}
+        return report
+
 
 @dataclass
 class Certificate:
@@ -125,6 +138,8 @@ class Certificate:
     not_covered: list[str]
     elapsed_s: float
     provenance: dict = field(default_factory=dict)
+    # the processes that ran the cases: {id, device, name, [visible_devices], [parts]} each
+    workers: list = field(default_factory=list)
 
     @property
     def distinct_failures(self) -> int:
@@ -158,7 +173,7 @@ class Certificate:
                           "verdict": self.verdict, "headline": self.headline(),
                           "distinct_failures": self.distinct_failures,
                           "properties": [p.to_dict() for p in self.properties], "not_covered": self.not_covered,
-                          "elapsed_s": round(self.elapsed_s, 2)})
+                          "workers": self.workers, "elapsed_s": round(self.elapsed_s, 2)})
 
     def to_markdown(self) -> str:
         return certificate_markdown(self.to_dict())
@@ -206,6 +221,9 @@ def certificate_markdown(data: dict) -> str:
         if claims:
             lines.append("- declared, judged accordingly: " + ", ".join(f"{k} = {v}" for k, v in claims.items()))
     lines.append(f"- device: {data['device']['type']} ({data['device']['name']})")
+    workers = data.get("workers") or []
+    if len(workers) > 1:
+        lines.append(f"- workers: {len(workers)} — " + ", ".join(_worker_words(w) for w in workers))
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
     s = data["settings"]
     lines.append(f"- profile: {s['profile']}, {s['max_examples']} examples per property, seed {s['seed']}, "
@@ -288,6 +306,14 @@ def certificate_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _worker_words(worker: dict) -> str:
+    """'gw0 on cuda (GPU 0, NVIDIA H200)' / 'gw1 on cpu'."""
+    where = [f"GPU {worker['visible_devices']}"] if worker.get("visible_devices") else []
+    if worker.get("device", "cpu") != "cpu" and worker.get("name"):
+        where.append(worker["name"])
+    return f"{worker['id']} on {worker.get('device', '?')}" + (f" ({', '.join(where)})" if where else "")
+
+
 def _describe_failure_case(failure: dict, layer: bool) -> str:
     return failure.get("description") or _describe_case(failure["case"], layer)
 
@@ -304,6 +330,21 @@ def _describe_case(case: dict, layer: bool) -> str:
 def _escape(text: str) -> str:
     """Markdown-safe inside a line: pipes escaped, no line breaks."""
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def write_outputs(data: dict, json_path: str | None = None, markdown_path: str | None = None,
+                  html_path: str | None = None, markdown: str | None = None) -> None:
+    """Write a certificate's data (or a comparison's, {"certificates": [...]}) as JSON, its Markdown
+    page (given) and its HTML page, where each path is given."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(data, indent=2) + "\n")
+    if markdown_path and markdown is not None:
+        Path(markdown_path).write_text(markdown)
+    if html_path:
+        from mla_verify.certify.report import render_comparison_html, render_html
+
+        html = (render_comparison_html(data["certificates"]) if "certificates" in data else render_html(data))
+        Path(html_path).write_text(html, encoding="utf-8")
 
 
 def versions(impl: object) -> dict:

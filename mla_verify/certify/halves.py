@@ -15,6 +15,7 @@ arises, tier) or `CaseRefused` (the implementation declined the case).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["ALL_DTYPES", "CRASH", "TIMEOUT", "DECLINED", "Fault", "CaseFault", "CaseRefused", "NothingToCertify",
            "Coverage",
            "LayerCoverage", "not_covered", "LayerProperty", "layer_properties", "layer_property_named",
-           "layer_case_from_dict", "Half", "DecodeHalf", "LayerHalf", "half_of"]
+           "layer_case_from_dict", "Half", "DecodeHalf", "LayerHalf", "half_of", "merged_coverage"]
 
 ALL_DTYPES = ("float64", "float32", "bfloat16", "float16")
 
@@ -168,6 +169,28 @@ class Coverage:
 
     def to_dict(self) -> dict:
         return _coverage_dict(self)
+
+
+def merged_coverage(cls: type, dicts: list[dict]) -> Coverage | LayerCoverage:
+    """One coverage of class `cls` (Coverage or LayerCoverage) from several `to_dict()`s, as if one
+    process had seen every case: sets are united, per-category counts and other counts added, and the
+    max_* fields are the largest."""
+    coverage = cls()
+    for data in dicts:
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value, mine = data[f.name], getattr(coverage, f.name)
+            if isinstance(mine, set):
+                mine.update(value)
+            elif isinstance(mine, dict):
+                for key, count in value.items():
+                    mine[key] = mine.get(key, 0) + count
+            elif f.name.startswith("max_"):
+                setattr(coverage, f.name, max(mine, value))
+            else:  # a count of cases (serving_scale)
+                setattr(coverage, f.name, mine + value)
+    return coverage
 
 
 def _coverage_dict(coverage: object) -> dict:
@@ -417,6 +440,21 @@ class Half:
     def digest(self, impl: object, prop: object, device: str) -> bytes:
         return f"{impl.spec}|{prop.name}|{device}".encode()
 
+    def case_size(self, case: dict) -> tuple:
+        """An order on minimal cases (a case's to_dict()): when several workers shrank the same failure,
+        the merged certificate keeps the smallest. The last key makes the order total."""
+        return (len(json.dumps(case, sort_keys=True)), json.dumps(case, sort_keys=True))
+
+    def merged_coverage(self, dicts: list[dict]) -> Coverage | LayerCoverage:
+        return merged_coverage(type(self.new_coverage()), dicts)
+
+    def state(self) -> dict:
+        """What the half learnt while drawing (JSON-ready), for a parallel run's merge."""
+        return {}
+
+    def add_state(self, state: dict) -> None:
+        """Fold another worker's `state()` into this half."""
+
     def implementation_entry(self, impl: object, reports: list[PropertyReport],
                              dtypes: tuple[str, ...] | None) -> dict:
         raise NotImplementedError
@@ -482,6 +520,11 @@ class DecodeHalf(Half):
 
     def case_from_dict(self, data: dict) -> DecodeCase:
         return DecodeCase.from_dict(data)
+
+    def case_size(self, case: dict) -> tuple:
+        decoded = DecodeCase.from_dict(case)
+        return (decoded.work, decoded.batch * decoded.heads * decoded.s_q, sum(decoded.lengths),
+                *super().case_size(case))
 
     def implementation_entry(self, impl, reports, dtypes):
         caps = impl.capabilities
@@ -607,6 +650,21 @@ class LayerHalf(Half):
 
     def case_from_dict(self, data: dict) -> object:
         return layer_case_from_dict(data)
+
+    def case_size(self, case: dict) -> tuple:
+        decoded = layer_case_from_dict(case)
+        c = decoded.config
+        widths = c.hidden_size + c.kv_lora_rank + c.qk_rope_head_dim + c.qk_nope_head_dim + c.v_head_dim
+        return (decoded.batch * decoded.length * c.num_heads * widths, decoded.length, len(decoded.decode),
+                *super().case_size(case))
+
+    def state(self) -> dict:
+        return {"refused_configs": {key: list(entry) for key, entry in self.refused_configs.items()}}
+
+    def add_state(self, state: dict) -> None:
+        for key, (example, count) in (state.get("refused_configs") or {}).items():
+            first, total = self.refused_configs.get(key, (example, 0))
+            self.refused_configs[key] = (first, total + count)
 
     def nothing_drawn(self, impl, error):
         if self.refused_configs:

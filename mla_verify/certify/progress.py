@@ -47,13 +47,14 @@ def _verdict_line(report: PropertyReport) -> str:
 
 
 class LineProgress(Progress):
-    """Plain lines on a stream (a log file, CI): one per property, one every `every` cases."""
+    """Plain lines on a stream (a log file, CI): one per property, one every `every` cases; each line
+    starts with `prefix` (a parallel run's worker and part, e.g. "[gw1 search 2/2] ")."""
 
-    def __init__(self, stream: TextIO | None = None, every: int = LINE_EVERY) -> None:
-        self.stream, self.every = stream or sys.stderr, every
+    def __init__(self, stream: TextIO | None = None, every: int = LINE_EVERY, prefix: str = "") -> None:
+        self.stream, self.every, self.prefix = stream or sys.stderr, every, prefix
 
     def _print(self, message: str) -> None:
-        print(message, file=self.stream, flush=True)
+        print(self.prefix + message.lstrip() if self.prefix else message, file=self.stream, flush=True)
 
     def start(self, name: str, description: str, planned: int) -> None:
         self._print(f"{name}: {description}")

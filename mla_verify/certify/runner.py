@@ -37,7 +37,7 @@ from mla_verify.decode.case import DecodeCase
 from mla_verify.decode.checks import DEFAULT_TIMEOUT_S, Implementation, Ratios
 from mla_verify.decode.properties import DecodeProperty
 
-__all__ = ["MAX_SEARCH_ROUNDS", "IsolatedRunner", "run_property", "certify"]
+__all__ = ["MAX_SEARCH_ROUNDS", "IsolatedRunner", "run_property", "certify", "assemble", "in_process_worker"]
 
 MAX_SEARCH_ROUNDS = 8  # a round per newly found failure signature, then one that finds none
 # failures after which an isolated child may hold a broken state (a sticky CUDA error, a
@@ -175,8 +175,10 @@ def run_property(impl: Implementation | LayerImplementation, prop: DecodePropert
                  device: str = "cpu", max_examples: int | None = None, seed: int | None = None,
                  counterexamples: str | Path | None = None, isolated: IsolatedRunner | None = None,
                  strict: bool = False, progress: Progress | None = None, dtypes: tuple[str, ...] | None = None,
-                 half: Half | None = None) -> PropertyReport:
-    """Run one property under Hypothesis; shrink each distinct failure to a minimal case and save it."""
+                 half: Half | None = None, search: bool = True, pinned: bool = True) -> PropertyReport:
+    """Run one property under Hypothesis; shrink each distinct failure to a minimal case and save it.
+    search: the drawn cases, in rounds; pinned: the half's pinned regression cases (a worker of a
+    parallel run does one or the other: mla_verify.certify.workers)."""
     half = half or half_of(impl)
     report = PropertyReport(prop.name, prop.description, coverage=half.new_coverage())
     progress = progress or Progress()
@@ -232,7 +234,7 @@ def run_property(impl: Implementation | LayerImplementation, prop: DecodePropert
     # that found nothing new, which is what the passing counts and ratios describe.
     found: dict[str, tuple[CaseFault, bool]] = {}
     known: set[str] = set()
-    for round_number in range(MAX_SEARCH_ROUNDS):
+    for round_number in range(MAX_SEARCH_ROUNDS if search else 0):
         search = hypothesis_settings(profile, max_examples)(given(strategy)(check))
         if seed is not None:
             search = hypothesis.seed(seed + round_number)(search)
@@ -248,13 +250,13 @@ def run_property(impl: Implementation | LayerImplementation, prop: DecodePropert
         plan["cases"] = report.examples + planned
     # The pinned regression cases run after the search: Hypothesis never shrinks an explicit
     # example, so trying them first would report them instead of the search's minimal case.
-    pinned_examples = half.pinned(impl, prop, device, dtypes)
+    pinned_examples = half.pinned(impl, prop, device, dtypes) if pinned else []
     if pinned_examples:
-        pinned = given(strategy)(check)
+        explicit = given(strategy)(check)
         for case in pinned_examples:
-            pinned = example(case)(pinned)
-        pinned = settings(hypothesis_settings(profile), phases=[Phase.explicit])(pinned)
-        for signature, entry in _run_collecting(pinned).items():
+            explicit = example(case)(explicit)
+        explicit = settings(hypothesis_settings(profile), phases=[Phase.explicit])(explicit)
+        for signature, entry in _run_collecting(explicit).items():
             found.setdefault(signature, entry)
     for signature, (failure, flaky) in found.items():
         fault = failure.fault
@@ -307,13 +309,30 @@ def certify(impl: Implementation | LayerImplementation, profile: str = "default"
         torch.set_num_threads(threads)
         if isolated:
             isolated.close()
-    limits = chosen.layer if half.kind == LayerHalf.kind else chosen.limits
+    return assemble(impl, half, reports, chosen, device, max_examples=max_examples, seed=seed, isolate=isolate,
+                    strict=strict, timeout_s=timeout_s, dtypes=dtypes, elapsed_s=time.perf_counter() - started,
+                    command=command, workers=[in_process_worker(device)])
+
+
+def in_process_worker(device: str) -> dict:
+    """The one worker of an in-process run: this process, on `device`."""
+    return {"id": "main", "device": device, "name": device_info(device)["name"]}
+
+
+def assemble(impl: Implementation | LayerImplementation, half: Half, reports: list[PropertyReport], profile: Profile,
+             device: str, max_examples: int | None, seed: int, isolate: bool, strict: bool,
+             timeout_s: float | None, dtypes: tuple[str, ...] | None, elapsed_s: float, command: str | None,
+             workers: list[dict], worker_count: int | None = None, parts: int = 1,
+             device_entry: dict | None = None) -> Certificate:
+    """The certificate of `reports` (one per property run, in order): what `certify` returns, and what
+    a parallel run's merged reports become (mla_verify.certify.workers)."""
+    limits = profile.layer if half.kind == LayerHalf.kind else profile.limits
     return Certificate(
         implementation=half.implementation_entry(impl, reports, dtypes),
-        versions=versions(impl), device=device_info(device),
-        settings={"profile": profile, "max_examples": max_examples or chosen.max_examples, "seed": seed,
+        versions=versions(impl), device=device_entry or device_info(device),
+        settings={"profile": profile.name, "max_examples": max_examples or profile.max_examples, "seed": seed,
                   "isolated": isolate, "strict": strict, "timeout_s": timeout_s,
-                  "properties": [p.name for p in selected], "dtypes": list(dtypes) if dtypes else None,
-                  "limits": vars(limits)},
-        properties=reports, not_covered=half.not_covered(impl, device, reports, dtypes, chosen),
-        elapsed_s=time.perf_counter() - started, provenance=provenance(impl, command))
+                  "properties": [p.name for p in reports], "dtypes": list(dtypes) if dtypes else None,
+                  "limits": vars(limits), "workers": worker_count or len(workers), "parts": parts},
+        properties=reports, not_covered=half.not_covered(impl, device, reports, dtypes, profile),
+        elapsed_s=elapsed_s, provenance=provenance(impl, command), workers=workers)
