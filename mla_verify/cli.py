@@ -529,9 +529,9 @@ def _cmd_cache_table(args: argparse.Namespace) -> int:
 def _property_names() -> list[str]:
     """Every property name of both halves (which apply is checked once the implementation is known)."""
     from mla_verify.certify.halves import layer_properties
-    from mla_verify.decode.properties import DECODE_PROPERTIES
+    from mla_verify.decode.properties import ALL_PROPERTIES
 
-    return list(dict.fromkeys([p.name for p in DECODE_PROPERTIES] + [p.name for p in layer_properties()]))
+    return list(dict.fromkeys([p.name for p in ALL_PROPERTIES] + [p.name for p in layer_properties()]))
 
 
 def _add_run_options(command: argparse.ArgumentParser) -> None:

@@ -15,12 +15,12 @@ stand in for the search's minimal case.
 
 import pytest
 
-from mla_verify.decode.properties import DECODE_PROPERTIES
+from mla_verify.decode.properties import ALL_PROPERTIES
 from mla_verify.plugin import DECODE, certification_test
 
 pytestmark = pytest.mark.mla_implementation
 
-PROPERTIES = {prop.name: prop for prop in DECODE_PROPERTIES}
+PROPERTIES = {prop.name: prop for prop in ALL_PROPERTIES}
 
 test_matches_reference = certification_test(DECODE, "matches_reference")
 test_matches_reference_pinned = certification_test(DECODE, "matches_reference", pinned=True)
@@ -30,8 +30,14 @@ test_rows_independent = certification_test(DECODE, "rows_independent")
 test_rows_independent_pinned = certification_test(DECODE, "rows_independent", pinned=True)
 test_deterministic = certification_test(DECODE, "deterministic")
 test_deterministic_pinned = certification_test(DECODE, "deterministic", pinned=True)
+# FP8 caches and sparse decode: skipped for a kernel that declares neither
+test_sparse_matches_dense = certification_test(DECODE, "sparse_matches_dense")
+test_index_order_invariant = certification_test(DECODE, "index_order_invariant")
+test_invalid_indices_ignored = certification_test(DECODE, "invalid_indices_ignored")
+test_quantizer_matches_format = certification_test(DECODE, "quantizer_matches_format")
 
 
 def test_every_property_is_collected():
-    assert set(PROPERTIES) == {"matches_reference", "page_order_invariant", "rows_independent", "deterministic"}, (
-        "a decode property was added or renamed without a test here")
+    assert set(PROPERTIES) == {"matches_reference", "page_order_invariant", "rows_independent", "deterministic",
+                               "sparse_matches_dense", "index_order_invariant", "invalid_indices_ignored",
+                               "quantizer_matches_format"}, "a decode property was added or renamed without a test here"

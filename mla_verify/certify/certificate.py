@@ -270,6 +270,12 @@ def certificate_markdown(data: dict) -> str:
                      "max columns are over the cases that passed. Sound tier: a worst-case rounding-error bound, "
                      "element by element. Sharp tier: a probabilistic rounding model on the lse and on each row's "
                      "error norm (see mla_verify/decode/bounds.py).")
+        for p in data["properties"]:
+            if p.get("max_fp8_end_to_end_out") or p.get("max_fp8_end_to_end_lse"):
+                lines.append(f"- {p['name']}, FP8 end to end (against the reference on the cache before "
+                             f"quantisation; reported, not judged): relative row error up to "
+                             f"{_ratio(p.get('max_fp8_end_to_end_out', 0.0))}, |Δlse| up to "
+                             f"{_ratio(p.get('max_fp8_end_to_end_lse', 0.0))}")
     for p in data["properties"]:
         for number, failure in enumerate(p["failures"], 1):
             lines.append("")

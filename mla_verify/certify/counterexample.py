@@ -66,9 +66,9 @@ def _save_decode_inputs(folder: Path, impl: object, prop_name: str, case: Decode
     calls = property_named(prop_name).calls(case)
     expected = expected_for(calls[0], impl.capabilities)
     torch.save({
-        "calls": [{name: tensor.cpu() for name, tensor in zip(("q", "kv_cache", "block_table", "cache_seqlens"),
-                                                             c.arguments[:4])} for c in calls],
-        "head_dim_v": case.head_dim_v, "softmax_scale": case.softmax_scale, "causal": case.causal,
+        "calls": [{name: tensor.cpu() for name, tensor in c.tensors().items()} for c in calls],
+        "keywords": [{k: v for k, v in c.keywords.items() if not isinstance(v, torch.Tensor)} for c in calls],
+        "head_dim_v": case.head_dim_v, "softmax_scale": case.softmax_scale, "causal": case.causal and not case.sparse,
         "reference": {name: getattr(expected, name).cpu() for name in
                       ("out", "lse", "out_bound", "lse_bound", "sharp_out", "sharp_lse", "has_key")},
     }, folder / "inputs.pt")

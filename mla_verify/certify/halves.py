@@ -30,7 +30,8 @@ from mla_verify.certify.registry import LayerImplementation
 from mla_verify.decode.case import SERVING_LENGTH, DecodeCase, dtype_name
 from mla_verify.decode.checks import CallTimedOut, CaseDeclined, CaseFailure, Implementation, Ratios, deadline
 from mla_verify.decode.contract import Declined
-from mla_verify.decode.properties import DECODE_PROPERTIES, DecodeProperty, property_named
+from mla_verify.decode.fp8 import KV_FORMATS
+from mla_verify.decode.properties import DecodeProperty, properties_for, property_named
 from mla_verify.decode.strategies import DEFAULT_PAGES, DEFAULT_WIDTHS, decode_cases, pinned_cases
 
 if TYPE_CHECKING:
@@ -148,7 +149,12 @@ class Coverage:
                                   ("empty rows", 0 in case.lengths), ("varlen", len(set(case.lengths)) > 1),
                                   ("strided cache", case.strided_cache), ("permuted pages", case.permute_pages),
                                   ("pooled cache", case.pooled_cache), ("q " + case.q_layout, True),
-                                  ("serving scale", _serving_scale(case))):
+                                  ("serving scale", _serving_scale(case)),
+                                  ("fp8 " + case.kv_format, case.kv_format != "native"),
+                                  ("fp8 scales " + case.fp8_scales, case.kv_format != "native"),
+                                  ("sparse", case.sparse), ("sparse " + case.index_pattern, case.sparse),
+                                  ("sparse topk not a multiple of 64", case.sparse and case.topk % 64 != 0),
+                                  ("attention sink " + case.attn_sink, case.attn_sink != "none")):
             if present:
                 self.counts[category] = self.counts.get(category, 0) + 1
         self.dtypes.add(case.dtype)
@@ -215,7 +221,8 @@ def _length_kind(n: int, page: int) -> str:
 def _case_record(case: DecodeCase, outcome: str, sound: float | None = None, sharp: float | None = None) -> dict:
     return {"outcome": outcome, "sound": sound, "sharp": sharp, "dtype": case.dtype, "heads": case.heads,
             "batch": case.batch, "s_q": case.s_q, "max_length": max(case.lengths, default=0),
-            "page_size": case.page_size, "regime": case.regime, "causal": case.causal}
+            "page_size": case.page_size, "regime": case.regime, "causal": case.causal, "kv_format": case.kv_format,
+            "topk": case.topk if case.sparse else None, "attn_sink": case.attn_sink}
 
 
 # page sizes whose boundaries a layer case's cache lengths are counted crossing (the fast layer's
@@ -344,6 +351,23 @@ def not_covered(impl: Implementation, device: str, coverage: Coverage | None = N
         gaps.append(f"device {device} is not declared ({list(caps.devices)})")
     if caps.empty_row_lse > 0:
         gaps.append("empty rows checked against the declared lse = +inf convention")
+    missing = [f for f in KV_FORMATS if f not in caps.kv_formats]
+    if missing:
+        gaps.append(f"dense decode over cache formats {missing} (not declared)")
+    if not caps.sparse:
+        gaps.append("sparse (top-k) decode (not declared)")
+    else:
+        sparse_missing = [f for f in KV_FORMATS if f not in caps.sparse_kv_formats]
+        if sparse_missing:
+            gaps.append(f"sparse decode over cache formats {sparse_missing} (not declared)")
+        if caps.topk_values is not None:
+            gaps.append(f"topk other than {list(caps.topk_values)}")
+        elif caps.max_topk < 2048:
+            gaps.append(f"topk above {caps.max_topk}")
+        if caps.invalid_indices == "raise":
+            gaps.append("positive indices past the pool checked as 'raises' (declared)")
+    if not caps.attn_sink:
+        gaps.append("attention sinks (not declared)")
     if coverage is not None and coverage.s_q:
         gaps.append(f"drawn: sequences longer than {coverage.max_length} tokens, batches above {coverage.max_batch}, "
                     f"s_q above {max(coverage.s_q)}, more than {max(coverage.heads)} heads")
@@ -479,7 +503,7 @@ class DecodeHalf(Half):
     kind = "decode kernel"
 
     def properties(self, impl: Implementation) -> tuple:
-        return DECODE_PROPERTIES
+        return properties_for(impl)
 
     def property_named(self, name: str) -> DecodeProperty:
         return property_named(name)
@@ -510,10 +534,19 @@ class DecodeHalf(Half):
             raise CaseRefused(refused, case)
         if fault is not None:
             raise CaseFault(fault, case)
-        return ratios, {}
+        return ratios, {"fp8_end_to_end_out": ratios.end_to_end_out, "fp8_end_to_end_lse": ratios.end_to_end_lse}
 
     def new_coverage(self) -> Coverage:
         return Coverage()
+
+    def note(self, report: PropertyReport, details: dict, case: object) -> None:
+        # FP8 cases: the error against the reference on the cache before quantisation, reported, not judged
+        if getattr(case, "kv_format", "native") == "native":
+            return
+        for key in ("fp8_end_to_end_out", "fp8_end_to_end_lse"):
+            value = details.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                report.extra[f"max_{key}"] = max(report.extra.get(f"max_{key}", 0.0), float(value))
 
     def record(self, case, outcome, sound=None, sharp=None):
         return _case_record(case, outcome, sound, sharp)
