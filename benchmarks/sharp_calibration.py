@@ -20,10 +20,11 @@ import time
 
 import torch
 
-from mla_verify.decode.inputs import build_inputs
-from mla_verify.decode.checks import CaseFailure, call_kernel, compare, expected_for, worst_ratio
 from mla_verify.certify.registry import resolve
 from mla_verify.decode.case import DecodeCase
+from mla_verify.decode.checks import CaseFailure, call_kernel, compare, expected_for
+from mla_verify.decode.inputs import build_inputs
+from mla_verify.rounding import worst_ratio
 
 SCALES = ("inverse_sqrt_d", "deepseek_v3")
 

@@ -16,13 +16,14 @@ from mla_verify.adapters import flashinfer as fi
 from mla_verify.adapters import flashmla as fm
 from mla_verify.adapters import sglang as sg
 from mla_verify.adapters import vllm as vl
-from mla_verify.decode.inputs import OUT_OF_RANGE_BLOCK, build_inputs
 from mla_verify.adapters import MissingDependency
-from mla_verify.decode.contract import capabilities_of, check_signature
-from mla_verify.decode.bounds import RoundingModel, decode_bounds, gamma, unit_roundoff
-from mla_verify.reference import paged_decode_reference, paged_decode_terms
 from mla_verify.certify.registry import ImplementationError, resolve
+from mla_verify.decode.bounds import RoundingModel, decode_bounds
 from mla_verify.decode.case import DecodeCase
+from mla_verify.decode.contract import capabilities_of, check_signature
+from mla_verify.decode.inputs import OUT_OF_RANGE_BLOCK, build_inputs
+from mla_verify.reference import paged_decode_reference, paged_decode_terms
+from mla_verify.rounding import gamma, unit_roundoff
 
 F64 = torch.float64
 

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from mla_verify.decode.bounds import RoundingModel, decode_bounds, gamma, smallest_subnormal, unit_roundoff
+from mla_verify.decode.bounds import RoundingModel, decode_bounds
 from mla_verify.reference import paged_decode_terms
+from mla_verify.rounding import gamma, smallest_subnormal, unit_roundoff
 
 
 @pytest.mark.parametrize("dtype, u", [(torch.float64, 1.1e-16), (torch.float32, 6.0e-8), (torch.float16, 4.9e-4),

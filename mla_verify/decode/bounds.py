@@ -104,8 +104,9 @@ from dataclasses import dataclass
 import torch
 
 from mla_verify.reference import PagedDecodeTerms
+from mla_verify.rounding import gamma, smallest_subnormal, unit_roundoff
 
-__all__ = ["unit_roundoff", "smallest_subnormal", "gamma", "TAIL", "RoundingModel", "DecodeBounds",
+__all__ = ["TAIL", "RoundingModel", "DecodeBounds",
            "decode_bounds", "with_attn_sink"]
 
 F64 = torch.float64
@@ -116,24 +117,6 @@ TAIL = 8.0
 VECTOR_SPREAD = 2.0
 # Largest width of one tensor-core MMA step over the contraction (bf16/fp16 k = 16 on Hopper).
 MMA_STEP = 16
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """u = ½·machine epsilon: fp64 1.1e-16, fp32 6.0e-8, fp16 4.9e-4, bf16 3.9e-3."""
-    return torch.finfo(dtype).eps / 2
-
-
-def smallest_subnormal(dtype: torch.dtype) -> float:
-    info = torch.finfo(dtype)
-    return info.smallest_normal * info.eps
-
-
-def gamma(n: int | torch.Tensor, u: float) -> float | torch.Tensor:
-    """γ_n = n·u / (1 − n·u): the worst-case relative error of an n-term sum or dot product."""
-    nu = n * u
-    if isinstance(nu, torch.Tensor):
-        return torch.where(nu < 1, nu / (1 - nu), torch.full_like(nu, math.inf))
-    return nu / (1 - nu) if nu < 1 else math.inf
 
 
 @dataclass(frozen=True)

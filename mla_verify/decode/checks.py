@@ -22,17 +22,18 @@ from typing import Callable, Iterator
 
 import torch
 
-from mla_verify.decode.inputs import DecodeInputs, build_inputs
-from mla_verify.decode.contract import Capabilities, Declined
 from mla_verify.decode.bounds import DecodeBounds, RoundingModel, decode_bounds, with_attn_sink
+from mla_verify.decode.case import DecodeCase
+from mla_verify.decode.contract import Capabilities, Declined
 from mla_verify.decode.fp8 import round_to_e4m3, split_packed
+from mla_verify.decode.inputs import DecodeInputs, build_inputs
 from mla_verify.decode.sparse import has_invalid_positive
 from mla_verify.reference import attn_sink_factor, decode_reference, decode_terms, paged_decode_terms
-from mla_verify.decode.case import DecodeCase
+from mla_verify.rounding import worst_ratio
 
 __all__ = ["FailureKind", "Finding", "CaseFailure", "CaseDeclined", "RaisedAsDeclared", "Implementation",
            "Expected", "Observed", "Ratios", "EMPTY_ROWS", "DEFAULT_TIMEOUT_S", "CallTimedOut", "deadline",
-           "worst_ratio", "call_kernel", "expected_for", "compare", "diagnose", "check_case"]
+           "call_kernel", "expected_for", "compare", "diagnose", "check_case"]
 
 
 # a first call may compile (Triton, FlashInfer's JIT): minutes are normal, an hour is a hang
@@ -535,17 +536,6 @@ def _matching_misreading(lse: torch.Tensor, rows: torch.Tensor, inputs: DecodeIn
                                                                          > 0):
             return f"out and lse match the reference computed with {name}"
     return ""
-
-
-def worst_ratio(error: torch.Tensor, bound: torch.Tensor) -> tuple[float, tuple[int, ...]]:
-    """The largest error/bound and where; an error over a zero bound is infinitely over, NaN counts as inf."""
-    ratio = torch.where(bound > 0, error / bound, torch.where(error > 0, math.inf, 0.0))
-    if ratio.numel() == 0:
-        return 0.0, ()
-    flat = int(torch.argmax(torch.nan_to_num(ratio, nan=math.inf)))
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ratio.shape))
-    value = float(ratio[index])
-    return (math.inf if math.isnan(value) else value), index
 
 
 def check_case(impl: Implementation, case: DecodeCase) -> Ratios:
