@@ -280,7 +280,7 @@ def test_plain_pytest_finds_the_users_kernel_in_the_current_folder(tmp_path):
     folder = _folder_with_kernels(tmp_path)
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLA_VERIFY_IMPL")}
     run = subprocess.run([str(CONSOLE.with_name("pytest")), "-p", "no:cacheprovider", "-q",
-                          str(REPO / "properties" / "test_decode_kernel.py"), "--mla-impl", "my_kernels:out_scaled",
+                          str(REPO / "properties" / "decode" / "test_decode_kernel.py"), "--mla-impl", "my_kernels:out_scaled",
                           "-k", "test_matches_reference_pinned"], cwd=folder, env=clean, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout + run.stderr

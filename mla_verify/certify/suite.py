@@ -3,8 +3,8 @@ with pytest-xdist on this module (-n N, the plugin's --mla-* options), so the pa
 property's search run on N workers and the plugin merges them into one certificate. One test per
 property of each half and one per decode property's pinned cases (a property the implementation's
 half does not run is skipped); the plugin keeps those of the half named by --mla-impl or
---mla-layer. properties/test_decode_kernel.py and
-properties/test_named_layer.py are the same tests for a `python -m pytest properties` run.
+--mla-layer. properties/decode/test_decode_kernel.py and
+properties/layer/test_named_layer.py are the same tests for a `python -m pytest properties` run.
 """
 
 import pytest

@@ -2,11 +2,11 @@
 
 Each returns the observed/bound ratios it measured in both tiers (0 for exact properties) or raises
 CaseFailure (CaseDeclined when the kernel refuses the case).
-properties/test_decode_kernel.py wraps them for pytest; mla_verify.certify runs them for the CLI.
+properties/decode/test_decode_kernel.py wraps them for pytest; mla_verify.certify runs them for the CLI.
 
 DECODE_PROPERTIES apply to every kernel; FP8_SPARSE_PROPERTIES only to a kernel that declares
 sparse decode or an FP8 quantiser (`DecodeProperty.applies`); `properties_for(impl)` lists the ones
-that apply (properties/test_decode_kernel.py runs every one under pytest, skipping those that do not apply). FP8 and sparse
+that apply (properties/decode/test_decode_kernel.py runs every one under pytest, skipping those that do not apply). FP8 and sparse
 cases also flow through the four general properties, drawn inside the declared capabilities.
 A kernel that declares invalid_indices="raise" passes a case holding positive indices past the pool
 by raising (the contract allows it).

@@ -9,7 +9,7 @@ listing them with the commands that replay them. Under pytest-xdist (`-n N`) eac
 search is split into N parts, one per worker, merged into one certificate (--mla-json, ...).
 
 Without a layer named, these tests are skipped: the project's own layers are certified by
-properties/test_layer.py and properties/test_fast_layer.py.
+properties/layer/test_hf_layer_properties.py and properties/layer/test_fast_layer.py.
 """
 
 import pytest
