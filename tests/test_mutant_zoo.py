@@ -151,11 +151,14 @@ def test_head_tail_shrinks_to_the_first_partial_group():
 
 CONTROLS = {"torch": lambda: resolve("torch"),
             "zoo_template": lambda: zoo.implementation(zoo.correct_decode, "zoo_template"),
-            "fp8_template": lambda: zoo.implementation(zoo.fp8.correct_fp8_decode, "fp8_template"),
             "sparse_template": lambda: zoo.implementation(zoo.sparse.correct_sparse_decode, "sparse_template"),
             **{fn.__name__: (lambda fn=fn: zoo.implementation(fn)) for fn in zoo.legit.LEGITIMATE}}
-# the controls every property they declare runs on (the legitimate variants: matches_reference only)
-FULL_CONTROLS = ("torch", "zoo_template", "fp8_template", "sparse_template")
+# the properties each control runs: every one it declares for the torch kernel and the zoo's
+# template; for the FP8/sparse template (whose dense path is the FP8 mutants' template too, and whose
+# quantiser is torch's) the properties its mutants are caught by; matches_reference for the
+# legitimate variants (they differ from the template only in arithmetic)
+CONTROL_SCOPE = {"torch": None, "zoo_template": None,
+                 "sparse_template": ("matches_reference", "sparse_matches_dense", "invalid_indices_ignored")}
 
 
 @pytest.mark.parametrize("prop_name", CONTROL_PROPERTIES)
@@ -164,13 +167,12 @@ def test_control_passes(control, prop_name):
     """The correct kernels, and the legitimate variants that compute differently (online exp2
     softmax with P in bf16, split-KV merges, bf16 partials declared, reverse order, FP8 values
     dequantised to the input type), pass."""
-    if control not in FULL_CONTROLS and prop_name != "matches_reference":
-        pytest.skip("the legitimate variants differ from the template only in arithmetic")
+    scope = CONTROL_SCOPE.get(control, ("matches_reference",))
+    if scope is not None and prop_name not in scope:
+        pytest.skip(f"{control} runs {list(scope)} (see CONTROL_SCOPE)")
     impl = CONTROLS[control]()
     if not property_named(prop_name).applies(impl):
         pytest.skip(f"{prop_name} does not apply to {control} (it declares no sparse decode or quantiser)")
-    if control == "fp8_template" and prop_name not in ("matches_reference", "quantizer_matches_format"):
-        pytest.skip("the FP8 template is checked where it differs from the general template")
     report = _run(impl, prop_name).report
     assert report.verdict == "pass", f"control {control} fails {prop_name}: {report.failures}"
     assert report.examples >= PROFILE.max_examples
