@@ -45,13 +45,14 @@ BF16_SKIP = ("bfloat16 tl.dot is broken in Triton's CPU interpreter (returns val
 
 @dataclass(frozen=True)
 class KernelCase:
-    """A decode case plus how to launch it: num_splits None = the kernel's own plan; config
+    """A decode case plus how to launch it: num_parts None = the kernel's own plan, otherwise the
+    plan's work cut into that many parts (with no minimum part size, so short rows split); config
     'test' = the fixed small tile (block_m 16, block_n 16) for reproducibility, 'heuristic' = the
     kernel's shape heuristic (larger tiles)."""
 
     id: str
     case: DecodeCase
-    num_splits: int | None = None
+    num_parts: int | None = None
     config: str = "test"
 
 
@@ -72,26 +73,26 @@ def _cases() -> list[KernelCase]:
             KernelCase(f"{t}-edges-p16", _case(dtype, b=5, h=3, page=16, lengths=(0, 1, 15, 16, 17))),
             # causal s_q = 3 over the same edges: early queries of short rows see nothing
             KernelCase(f"{t}-edges-causal-sq3", _case(dtype, b=5, s_q=3, h=3, page=16, lengths=(0, 1, 15, 16, 17),
-                                                      causal=True), num_splits=2),
+                                                      causal=True), num_parts=25),
             # page 32, one head, causal s_q = 2, strided cache view
             KernelCase(f"{t}-p32-h1-causal-strided", _case(dtype, b=3, s_q=2, h=1, widths=(80, 64), page=32,
                                                           lengths=(31, 32, 33), causal=True, strided=True)),
             # 16 heads (one full group), more splits than tiles in the short row: empty splits merge
             KernelCase(f"{t}-h16-empty-splits", _case(dtype, b=2, h=16, widths=(80, 64), lengths=(40, 3)),
-                       num_splits=4),
+                       num_parts=12),
             # 17 heads: a second, nearly empty row group; causal s_q = 2 folded into rows
             KernelCase(f"{t}-h17-causal-sq2", _case(dtype, b=2, s_q=2, h=17, lengths=(33, 16), causal=True),
-                       num_splits=3),
+                       num_parts=6),
             # every row empty: out 0, lse -inf, with and without splits
             KernelCase(f"{t}-all-empty", _case(dtype, b=2, h=3, lengths=(0, 0))),
-            KernelCase(f"{t}-all-empty-splits", _case(dtype, b=2, h=3, lengths=(0, 0)), num_splits=3),
+            KernelCase(f"{t}-all-empty-splits", _case(dtype, b=2, h=3, lengths=(0, 0)), num_parts=3),
         ]
     cases += [
         # the kernel's own tile heuristic (block_m 16..64, block_n 16..64)
         KernelCase("fp32-heuristic-h9-varlen", _case("float32", b=4, s_q=2, h=9, lengths=(5, 50, 0, 33), causal=True,
                                                      strided=True), config="heuristic"),
         KernelCase("fp16-heuristic-h40-sq2", _case("float16", b=2, s_q=2, h=40, widths=(80, 64),
-                                                   lengths=(70, 129)), config="heuristic", num_splits=2),
+                                                   lengths=(70, 129)), config="heuristic", num_parts=2),
         # odd widths (padded to powers of two with masks), latent-only rows (d = head_dim_v)
         KernelCase("fp32-widths-40-32", _case("float32", b=2, h=3, widths=(40, 32), lengths=(20, 9))),
         KernelCase("fp32-widths-24-8", _case("float32", b=2, h=3, widths=(24, 8), lengths=(20, 9))),
@@ -99,14 +100,14 @@ def _cases() -> list[KernelCase]:
                                               causal=True, strided=True)),
         KernelCase("fp32-widths-32-32", _case("float32", b=2, h=2, widths=(32, 32), lengths=(20, 9))),
         # pages that are not powers of two, and page 1
-        KernelCase("fp32-page7", _case("float32", b=2, h=3, page=7, lengths=(20, 6)), num_splits=2),
+        KernelCase("fp32-page7", _case("float32", b=2, h=3, page=7, lengths=(20, 6)), num_parts=11),
         KernelCase("fp16-page1", _case("float16", b=2, h=3, page=1, lengths=(5, 1), causal=True, s_q=2)),
         # value regimes of the suite: extreme logits (±300), large values, tiny values, constant keys
         KernelCase("fp32-extreme-positive", _case("float32", b=2, h=3, lengths=(40, 17), regime="extreme_positive",
-                                                  scale="deepseek_v3"), num_splits=2),
+                                                  scale="deepseek_v3"), num_parts=13),
         KernelCase("fp32-extreme-negative", _case("float32", b=2, h=3, lengths=(40, 17),
-                                                  regime="extreme_negative"), num_splits=2),
-        KernelCase("fp16-large", _case("float16", b=2, h=3, lengths=(40, 17), regime="large"), num_splits=2),
+                                                  regime="extreme_negative"), num_parts=13),
+        KernelCase("fp16-large", _case("float16", b=2, h=3, lengths=(40, 17), regime="large"), num_parts=9),
         KernelCase("fp16-tiny", _case("float16", b=2, h=3, lengths=(40, 17), regime="tiny", scale="one")),
         KernelCase("fp16-constant-keys", _case("float16", b=2, h=3, lengths=(40, 17), regime="constant_keys")),
         # s_q = 8 (the declared maximum), causal
@@ -116,20 +117,20 @@ def _cases() -> list[KernelCase]:
     fp8 = dict(widths=(48, 32), page=4, lengths=(5, 19), strided=True)
     cases += [
         KernelCase("fp32-fp8-ds-mla-causal", _fp8(_case("float32", b=2, s_q=2, h=3, causal=True, **fp8), "fp8_ds_mla"),
-                   num_splits=3),
+                   num_parts=11),
         KernelCase("fp16-fp8-ds-mla-two-groups", _fp8(_case("float16", b=2, h=17, widths=(288, 256), lengths=(9, 3)),
                                                       "fp8_ds_mla", sink="finite")),
         KernelCase("fp16-fp8-e4m3-sink", _fp8(_case("float16", b=2, s_q=2, h=3, causal=True, **fp8), "fp8_e4m3",
-                                              sink="infinite"), num_splits=2),
+                                              sink="infinite"), num_parts=2),
         KernelCase("fp32-sparse-invalid-splits", _fp8(_case("float32", b=2, s_q=2, h=3, causal=True, **fp8), "native",
-                                                      topk=21, pattern="with_invalid"), num_splits=3),
+                                                      topk=21, pattern="with_invalid"), num_parts=24),
         KernelCase("fp16-sparse-fp8-duplicates", _fp8(_case("float16", b=2, s_q=3, h=17, causal=True, **fp8),
                                                       "fp8_ds_mla", topk=18, pattern="duplicates", sink="finite"),
-                   num_splits=2),
+                   num_parts=36),
         KernelCase("fp16-sparse-e4m3-last-slot", _fp8(_case("float16", b=2, h=3, **fp8), "fp8_e4m3", topk=7,
                                                       pattern="last_slot")),
         KernelCase("fp32-sparse-all-invalid", _fp8(_case("float32", b=2, h=3, **fp8), "native", topk=5,
-                                                   pattern="all_invalid"), num_splits=2),
+                                                   pattern="all_invalid"), num_parts=10),
     ]
     return cases
 
@@ -154,7 +155,7 @@ def _judge(kc: KernelCase) -> dict:
     from mla_verify.kernels import triton_decode as td
 
     config = td.DecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1) if kc.config == "test" else None
-    fn = functools.partial(td.paged_decode, num_splits=kc.num_splits, config=config)
+    fn = functools.partial(td.paged_decode, num_parts=kc.num_parts, config=config)
     impl = Implementation(name="triton", spec="mla_verify.kernels.triton_decode:triton_paged_decode", fn=fn,
                           capabilities=td.CAPABILITIES.replace(devices=("cpu",)))
     started = time.perf_counter()
@@ -187,6 +188,8 @@ def _worker(ids: list[str]) -> dict:
 
     if not td.interpreting():
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; run this file as a script")
+    if ids == ["schedules"]:
+        return _schedules()
     return {case_id: _judge(CASES[case_id]) for case_id in ids}
 
 
@@ -225,7 +228,7 @@ def verdicts() -> dict:
 def test_interpreted_kernel_matches_reference(verdicts, case_id):
     verdict = verdicts[case_id]
     kc = CASES[case_id]
-    assert verdict["ok"], (f"{verdict['message']}\n  case: {kc.case.describe()} num_splits={kc.num_splits} "
+    assert verdict["ok"], (f"{verdict['message']}\n  case: {kc.case.describe()} num_parts={kc.num_parts} "
                            f"config={kc.config}\n  repro: TRITON_INTERPRET=1 python tests/test_triton_kernel.py "
                            f"--case {case_id}")
 
@@ -246,20 +249,85 @@ def test_declared_capabilities():
     assert all(caps.supports_page(kc.case.page_size) for kc in CASES.values())
 
 
-def test_split_plan_follows_batch_and_length():
-    from mla_verify.kernels.triton_decode import INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, plan_decode
+def test_plan_reads_no_tensor_and_fills_one_wave():
+    from mla_verify.kernels.triton_decode import INTERPRETER_SM_COUNT, plan_decode
 
-    def plan(b: int, h: int, length: int):
-        q = torch.empty(b, 1, h, 576, dtype=torch.bfloat16)
-        return plan_decode(q, torch.empty(1, 64, 1, 576, dtype=torch.bfloat16),
-                           torch.full((b,), length, dtype=torch.int32), 512)
+    def plan(b: int, h: int, s_q: int = 1):
+        q = torch.empty(b, s_q, h, 576, dtype=torch.bfloat16)
+        lengths = torch.empty(b, dtype=torch.int32, device="meta")  # a tensor no host code can read
+        return plan_decode(q, torch.empty(1, 64, 1, 576, dtype=torch.bfloat16), lengths, 512)
 
-    one = plan(1, 16, 16384)  # CPU tensors: the interpreter's assumed multiprocessor count
-    assert one.num_splits == one.config.waves * one.config.resident_per_sm * INTERPRETER_SM_COUNT
-    assert plan(1, 16, 100).num_splits == 1  # below MIN_SPLIT_TOKENS: one split
-    assert plan(1, 16, 3 * MIN_SPLIT_TOKENS).num_splits == 3
-    assert plan(128, 128, 16384).num_splits == 1
-    assert plan(2, 16, 0).num_splits == 1
+    one = plan(1, 16)  # CPU tensors: the interpreter's assumed multiprocessor count
+    assert one.num_parts == one.config.waves * one.config.resident_per_sm * INTERPRETER_SM_COUNT
+    wide = plan(128, 128, s_q=2)  # 256 rows: four 64-row groups share the wave
+    assert wide.num_parts == max(1, wide.config.waves * wide.config.resident_per_sm * INTERPRETER_SM_COUNT // 4)
+
+
+# (lengths, num_parts, min_part_units or None for the plan's own) → what the schedule must satisfy
+SCHEDULES = {
+    "one-long": ((16384,), 8, None),
+    "short-one-split": ((100,), 8, None),
+    "varlen": ((4096, 2048, 3000, 17, 0, 1, 8191), 8, None),
+    "many-short": (tuple(range(0, 300, 7)), 8, None),
+    "per-tile": ((40, 3, 0, 33), 64, 1),
+    "all-empty": ((0, 0, 0), 5, 1),
+    "batch-over-block": (tuple((i * 37) % 500 for i in range(1500)), 6, None),
+}
+
+
+def _schedules() -> dict:
+    """Worker side: the device schedule of each SCHEDULES entry (bf16 16-row config, block_n 32)."""
+    from mla_verify.kernels import triton_decode as td
+
+    config = td.decode_config(torch.bfloat16, 16, 576, 512)
+    found = {}
+    for name, (lengths, parts, min_units) in SCHEDULES.items():
+        plan = td.DecodePlan(config=config, num_parts=parts,
+                             min_part_units=min_units or td.plan_decode(
+                                 torch.empty(1, 1, 16, 576, dtype=torch.bfloat16), torch.empty(0),
+                                 torch.empty(0), 512).min_part_units)
+        start, splits, slot, first_part, totals = td.schedule_decode(
+            torch.tensor(lengths, dtype=torch.int32), len(lengths), plan)
+        found[name] = {"start": start.tolist(), "splits": splits.tolist(), "slot": slot.tolist(),
+                       "first_part": first_part.tolist(), "totals": totals.tolist(), "block_n": config.block_n,
+                       "overhead": td._overhead_units(config), "min_part_units": plan.min_part_units}
+    return found
+
+
+@pytest.fixture(scope="module")
+def schedules() -> dict:
+    return _run_worker(["schedules"])
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_device_schedule_covers_every_tile_once_and_balances(schedules, name):
+    lengths, parts, _ = SCHEDULES[name]
+    got = schedules[name]
+    per_part, total = got["totals"]
+    block_n, overhead = got["block_n"], got["overhead"]
+    units = [overhead + -(-n // block_n) for n in lengths]
+    assert total == sum(units)
+    assert per_part == max(-(-total // parts), got["min_part_units"])
+    assert got["start"] == [sum(units[:i]) for i in range(len(lengths))]
+    slots = 0
+    for i, n in enumerate(lengths):
+        tiles = -(-n // block_n)
+        first_tile = got["start"][i] + overhead
+        # the parts holding the sequence's tiles, in order; one part for a sequence with no key
+        holders = sorted({(first_tile + t) // per_part for t in range(tiles)}) or [got["start"][i] // per_part]
+        assert got["first_part"][i] == holders[0] and got["splits"][i] == len(holders), (i, n)
+        assert holders == list(range(holders[0], holders[0] + len(holders)))
+        assert all(p < parts for p in holders), "a piece assigned to a part that is not launched"
+        assert got["slot"][i] == slots
+        slots += len(holders)
+    assert slots <= len(lengths) + parts  # the partial buffer's size
+    # balance: every launched part but the last holds per_part units, none more
+    assert -(-total // per_part) <= parts
+
+
+def test_one_long_sequence_spreads_over_every_part(schedules):
+    assert schedules["one-long"]["splits"] == [8]
+    assert schedules["short-one-split"]["splits"] == [1]  # 100 keys: below the minimum part
 
 
 def test_bad_inputs_are_rejected_before_launch():
