@@ -1,0 +1,518 @@
+"""Absorbed MLA decode for Hopper (sm_90a), written in Triton's Gluon dialect: the compute-bound case.
+
+The portable kernel (mla_verify.kernels.triton_decode) is plain `tl` code; on an H200 it reaches about a
+third of the bf16 matmul rate when many query rows share each cache tile (h·s_q ≥ 64), because its
+[64, 512] fp32 accumulator spills at one program per SM and the three stages of a tile (Q·Kᵀ, softmax,
+P·V) run strictly one after the other. This module is a replacement for that kernel's split kernel
+in exactly that case, in the split-KV design (programs = row group × split × sequence, partials merged
+in a second kernel):
+
+    supports(q, kv_cache, head_dim_v, ...) -> bool        may this path run these inputs?
+    hopper_split_launch(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, num_splits,
+                        out, lse, out_part, lse_part)     launch the split kernel
+    merge_launch(out_part, lse_part, out, lse)            merge its partials (when num_splits > 1)
+    even_splits(q, max_len, sm_count) -> int              a split count (from shapes alone if max_len=None)
+    hopper_paged_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                        num_splits=None) -> (out, lse)    the three above in one call
+    compile_for_sm90(dtype, causal, single_split)         ahead-of-time compile, no GPU needed
+
+What one program does (read `_hopper_split_kernel` top to bottom):
+
+  one program = 64 query rows (rows fold s_q·h_q as in triton_decode: row r = query r // h_q, head
+  r % h_q) × one contiguous key range [start, end) of one sequence, cut like triton_decode's splits.
+
+  1. Stage Q: the program's 64 rows of q (latent 512 + rope 64 columns) are loaded once and kept in
+     shared memory for the whole key range (72 KB), in the swizzled layout the tensor cores read.
+  2. Stage K: each 64-key tile is one page slice of the paged cache. The cache is viewed as a 2-D
+     [num_blocks·page_size, 576] tensor (row = block·page_size + slot) and a tile is fetched by TMA
+     (bulk tensor copies: latent [64, 512] and rope [64, 64]) into a 2-stage ring of shared-memory
+     buffers, completion signalled on one mbarrier per stage. The load of tile j+2 is issued as soon
+     as tile j's buffers are free (end of iteration j), so tile j+1's softmax and P·V hide it.
+  3. S = Q·Kᵀ by asynchronous warpgroup MMA (wgmma) straight from shared memory: latent part then rope
+     part, one fp32 accumulator.
+  4. Online softmax in base 2 (softmax_scale·log2(e) folded into one multiply), keys at or past `end`
+     and causally hidden keys set to −inf. The row sum is kept unreduced (per thread, in S's layout)
+     and reduced once at the end; only the row max crosses warps each tile.
+  5. P rounded to the input type and written to shared memory, so that both warpgroups can use all
+     64 keys of it; O += P·V by wgmma with V = the first 512 columns of the same K tile (no second
+     load). The 8 warps are two warpgroups: each owns one half (64 × 256) of the [64, 512] fp32
+     output accumulator (128 registers a thread) and of S (64 × 32).
+  6. The next tile's Q·Kᵀ is issued right behind this tile's P·V, so the tensor cores go from one to
+     the other without a gap; both are then awaited before the softmax of the next tile.
+     Not done (see benchmarks/hopper_notes.md): the softmax does not overlap tensor-core work. With
+     Q resident, shared memory holds only two 72 KB K stages, and issuing tile j+1's Q·Kᵀ before
+     tile j's softmax would leave its load no time to land; FlashMLA gets around this by having each
+     warpgroup run Q·Kᵀ/softmax for a different tile, freeing the halves of V separately, and
+     waiting per 64-column chunk of K. No producer warp (gl.warp_specialize) either.
+  7. Epilogue: O / l and lse; the final out (q's dtype) and lse (natural log, [b, h, s_q]) when the
+     launch has one split, else the float32 normalised partial output [b, num_splits, s_q·h_q, 512]
+     and base-2 lse [b, num_splits, s_q·h_q] (−inf for an empty split): the layout and arithmetic of
+     triton_decode's split-KV kernel as committed in 8585f04, merged by `merge_launch` (the same
+     weights 2^(lse_s − max) in split order as triton_decode's merge).
+
+Masking and poison: TMA always copies whole 64-row tiles, so a range whose end is not a multiple of 64
+reads slots past the sequence's length (data of no one, possibly NaN or Inf). Their scores become −inf
+(so P = 0), and before that tile's P·V the rows past `end` of its V buffer are overwritten with zeros in
+shared memory, so 0·NaN never reaches the accumulator. Block-table entries past a range are never read.
+A row that sees no key ends with l = 0: out 0, lse −inf (base 2 −inf in the partials, as the merge
+expects). Query rows past h_q·s_q (the last row group) are loaded as zeros and never stored.
+
+Scope (`supports`): CUDA sm_90, bf16/fp16 q and a native cache of the same dtype, d = 576 and
+head_dim_v = 512, page_size 64, a cache whose rows are contiguous and page blocks adjacent (block
+stride = page_size · row stride, 16-byte aligned), q with unit stride along d, at least 64 query rows
+(h_q·s_q), no FP8, sparse indices or attention sinks. Anything else: the caller falls back to the tl
+kernel. (Pages of 128, 192, ... take the same code path, a tile never crossing a page, but have not
+been run on a GPU yet; SUPPORTED_PAGE_SIZES widens when they have.)
+
+Compiles with Triton 3.6 (the GPU machine: 239–240 registers, no spills, 229,904 bytes of shared memory)
+and 3.9 (CI; its build spills ~144 bytes of scalars, not measured on a GPU); the few API differences are
+resolved once, in the compatibility block below.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["supports", "hopper_split_launch", "merge_launch", "hopper_paged_decode", "even_splits", "compile_for_sm90",
+           "BLOCK_M", "BLOCK_N", "NUM_WARPS"]
+
+# ----------------------------------------------------------------------------------------------
+# Compatibility between Triton 3.6 and 3.9 (the only place that knows the difference)
+# ----------------------------------------------------------------------------------------------
+# TMA global -> shared copy: `async_copy_global_to_shared` in 3.6, renamed `async_load` (the old name
+# raises) in 3.9. CTA-wide barrier: `thread_barrier` in 3.6, `barrier` in 3.9.
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+
+# ----------------------------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------------------------
+BLOCK_M = 64  # query rows per program: one wgmma M extent per warpgroup
+BLOCK_N = 64  # keys per tile (one page slice)
+HEAD_DIM = 576
+HEAD_DIM_V = 512
+ROPE_DIM = HEAD_DIM - HEAD_DIM_V
+NUM_WARPS = 8  # two consumer warpgroups
+NUM_STAGES = 2  # K ring depth: Q 72 KB + 2 × 72 KB + P 8 KB = 224 KB of the 227 KB an SM offers
+SUPPORTED_PAGE_SIZES = (64,)  # any multiple of BLOCK_N works by construction; only 64 is GPU-checked
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+LOG2E = 1.4426950408889634
+LN2 = gl.constexpr(0.6931471805599453)
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+@gluon.jit
+def _block_id(table_row, start, tile, n_tiles, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The cache block holding tile `tile` of the range (0, and no block-table read, past the range)."""
+    pos = start + tile * BLOCK_N
+    return gl.load(table_row + pos // PAGE_SIZE, mask=tile < n_tiles, other=0)
+
+
+@gluon.jit
+def _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, block, start, tile, n_tiles,
+                     PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constexpr,
+                     NUM_STAGES: gl.constexpr):
+    """TMA-copy tile `tile` of the range (keys start + tile·BLOCK_N ..., in cache block `block`) into ring
+    stage tile % NUM_STAGES; nothing (no copy, no expected bytes) when tile >= n_tiles."""
+    stage = tile % NUM_STAGES
+    live = tile < n_tiles
+    pos = start + tile * BLOCK_N
+    row = block * PAGE_SIZE + pos % PAGE_SIZE  # a row of the [num_blocks·page_size, 576] cache view
+    bar = ready.index(stage)
+    mbarrier.expect(bar, lat_desc.block_type.nbytes + rope_desc.block_type.nbytes, pred=live)
+    _tma_load(lat_desc, [row, 0], bar, k_lat.index(stage), pred=live)
+    _tma_load(rope_desc, [row, HEAD_DIM_V], bar, k_rope.index(stage), pred=live)
+
+
+@gluon.jit
+def _qk(q_lat, q_rope, k_lat, k_rope, s_zero):
+    """Issue S = Q·Kᵀ (latent part, then rope part into the same fp32 accumulator) without waiting."""
+    s = warpgroup_mma(q_lat, k_lat.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma(q_rope, k_rope.permute((1, 0)), s, is_async=True)
+    return s
+
+
+@gluon.jit
+def _zero_tail_rows(v_smem, valid, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constexpr, CHUNK: gl.constexpr,
+                    layout: gl.constexpr):
+    """Rows >= valid of a [BLOCK_N, HEAD_DIM_V] V buffer := 0 (slots past the range may hold NaN/Inf,
+    and 0·NaN = NaN in P·V). Chunks of CHUNK columns keep the registers this needs small."""
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    keep = gl.expand_dims(rows < valid, 1)
+    for c in gl.static_range(HEAD_DIM_V // CHUNK):
+        chunk = v_smem.slice(c * CHUNK, CHUNK, dim=1)
+        x = chunk.load(layout)
+        chunk.store(gl.where(keep, x, gl.zeros_like(x)))
+
+
+@gluon.jit
+def _hopper_split_kernel(
+        Q, lat_desc, rope_desc, BlockTable, SeqLens, Out, Lse, OutPart, LsePart,
+        qk_scale, num_rows, h_q, s_q, num_splits,
+        stride_qb, stride_qs, stride_qh,
+        stride_tb,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_lh, stride_ls,
+        stride_pb, stride_ps, stride_pr, stride_lpb, stride_lps,
+        PAGE_SIZE: gl.constexpr, CAUSAL: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constexpr, ROPE_DIM: gl.constexpr,
+        NUM_STAGES: gl.constexpr):
+    dtype: gl.constexpr = lat_desc.dtype
+
+    # -- layouts ---------------------------------------------------------------------------------
+    # Both accumulators are wgmma (MMA v3) layouts over the two warpgroups side by side along N:
+    # warpgroup 0 owns columns [0, N/2), warpgroup 1 columns [N/2, N), each all 64 rows.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, BLOCK_N // 2, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, HEAD_DIM_V // 2, 16])
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    # 16-byte vectors, a warp covering 4 rows × 64 columns: for global loads and shared-memory fix-ups
+    io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
+                                               warps_per_cta=[8, 1], order=[1, 0])
+    qk_smem_layout: gl.constexpr = lat_desc.layout  # 128-byte swizzle, what TMA writes and wgmma reads
+    p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+
+    # -- which rows, which keys --------------------------------------------------------------------
+    pid_m = gl.program_id(0)  # row group (fastest: groups sharing cache tiles run side by side)
+    pid_s = gl.program_id(1)  # split
+    pid_b = gl.program_id(2).to(gl.int64)  # sequence
+    seq_len = gl.load(SeqLens + pid_b)
+    # this split's keys: chunks of whole tiles, the same count for every sequence (as triton_decode)
+    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = gl.minimum(start + chunk, seq_len)
+    if CAUSAL:  # no key past the group's last visible position
+        last_query = gl.minimum(s_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // h_q)
+        end = gl.minimum(end, seq_len - s_q + last_query + 1)
+    n_tiles = gl.maximum(gl.cdiv(end - start, BLOCK_N), 0)
+    table_row = BlockTable + pid_b * stride_tb
+
+    # -- shared memory -------------------------------------------------------------------------------
+    q_lat = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM_V], qk_smem_layout)
+    q_rope = gl.allocate_shared_memory(dtype, [BLOCK_M, ROPE_DIM], rope_desc.layout)
+    k_lat = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM_V], qk_smem_layout)
+    k_rope = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, ROPE_DIM], rope_desc.layout)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], p_smem_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    fence_async_shared()  # barrier initialisation visible to the TMA unit before the first copy
+
+    # -- stage K: the first NUM_STAGES tiles start loading now, behind the Q load ------------------------
+    for i in gl.static_range(NUM_STAGES):
+        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready,
+                         _block_id(table_row, start, i, n_tiles, PAGE_SIZE, BLOCK_N), start, i, n_tiles,
+                         PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+
+    # -- stage Q: global -> registers -> swizzled shared memory (rows past num_rows as zeros) -------------
+    q_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, io_layout))
+    q_ok = gl.expand_dims(q_rows < num_rows, 1)
+    q_ptr = gl.expand_dims(Q + pid_b * stride_qb + (q_rows // h_q) * stride_qs + (q_rows % h_q) * stride_qh, 1)
+    q_cols = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, io_layout)), 0)
+    for c in gl.static_range(HEAD_DIM_V // 64):
+        x = gl.load(q_ptr + c * 64 + q_cols, mask=q_ok, other=0.0)
+        q_lat.slice(c * 64, 64, dim=1).store(x)
+    q_rope.store(gl.load(q_ptr + HEAD_DIM_V + q_cols, mask=q_ok, other=0.0))
+    fence_async_shared()  # generic-proxy stores of Q, read next by wgmma (async proxy)
+    _cta_barrier()
+
+    # -- running state -------------------------------------------------------------------------------
+    acc = gl.zeros([BLOCK_M, HEAD_DIM_V], gl.float32, o_layout)  # unnormalised O
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)  # running max (base-2 units)
+    l_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # per-thread partial row sums of P
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    offs_n = gl.arange(0, BLOCK_N, layout=col_s)
+    if CAUSAL:
+        s_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+        row_limit = seq_len - s_q + s_rows // h_q + 1  # query i sees positions < L - s_q + i + 1
+
+    # -- first tile's S ----------------------------------------------------------------------------------
+    s = s_zero
+    if n_tiles > 0:
+        mbarrier.wait(ready.index(0), 0)
+        s = _qk(q_lat, q_rope, k_lat.index(0), k_rope.index(0), s_zero)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+
+    for j in range(n_tiles):
+        stage = j % NUM_STAGES
+        tile_start = start + j * BLOCK_N
+        # -- softmax of tile j (base 2); masked keys -> -inf, so their P is exactly 0 ----------------
+        pos = gl.expand_dims(tile_start + offs_n, 0)
+        visible = pos < end
+        if CAUSAL:
+            visible = visible & (pos < gl.expand_dims(row_limit, 1))
+        s = gl.where(visible, s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: p = 0, alpha = 1
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+        l_acc = l_acc * gl.expand_dims(alpha, 1) + p
+        m_i = m_new
+        # -- O rescale; P (input dtype) to shared memory for both warpgroups --------------------------
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        if tile_start + BLOCK_N > end:  # the range's last, partial tile: zero V rows past `end`
+            _zero_tail_rows(k_lat.index(stage), end - tile_start, BLOCK_N, HEAD_DIM_V, 64, io_layout)
+        p_smem.store(p.to(dtype))
+        fence_async_shared()  # P (and zeroed V rows) written by threads, read by wgmma
+        _cta_barrier()
+        # -- O += P·V, then the next tile's S right behind it on the tensor cores ----------------------
+        acc = warpgroup_mma(p_smem, k_lat.index(stage), acc, is_async=True)
+        if j + 1 < n_tiles:
+            nxt = (j + 1) % NUM_STAGES
+            mbarrier.wait(ready.index(nxt), ((j + 1) // NUM_STAGES) & 1)
+            s = _qk(q_lat, q_rope, k_lat.index(nxt), k_rope.index(nxt), s_zero)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        # -- both warpgroups are done with this stage and with P: refill the stage with tile j + 2 -----
+        _cta_barrier()
+        refill_block = _block_id(table_row, start, j + NUM_STAGES, n_tiles, PAGE_SIZE, BLOCK_N)
+        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, refill_block, start, j + NUM_STAGES, n_tiles,
+                         PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    # -- epilogue: normalise; a row that saw no key (l = 0) gets out 0 and lse -inf ----------------------
+    l_i = gl.sum(l_acc, axis=1)
+    has_key = l_i > 0.0
+    l_safe = gl.where(has_key, l_i, 1.0)
+    lse2 = gl.where(has_key, m_i + gl.log2(l_safe), float("-inf"))
+    o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 1)
+    rows_o = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
+    cols_o = gl.expand_dims(gl.arange(0, HEAD_DIM_V, layout=col_o), 0)
+    ok_o = gl.expand_dims(rows_o < num_rows, 1)
+    rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+    ok_s = rows_s < num_rows
+    if SINGLE_SPLIT:
+        out_row = Out + pid_b * stride_ob + (rows_o // h_q) * stride_os + (rows_o % h_q) * stride_oh
+        gl.store(gl.expand_dims(out_row, 1) + cols_o, o.to(Out.dtype.element_ty), mask=ok_o)
+        lse_ptr = Lse + pid_b * stride_lb + (rows_s % h_q) * stride_lh + (rows_s // h_q) * stride_ls
+        gl.store(lse_ptr, lse2 * LN2, mask=ok_s)
+    else:
+        part_row = OutPart + pid_b * stride_pb + pid_s * stride_ps + rows_o.to(gl.int64) * stride_pr
+        gl.store(gl.expand_dims(part_row, 1) + cols_o, o, mask=ok_o)
+        gl.store(LsePart + pid_b * stride_lpb + pid_s * stride_lps + rows_s, lse2, mask=ok_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def smem_layouts(torch_dtype: torch.dtype):
+    """The shared-memory layouts of the latent [64, 512] and rope [64, 64] tiles (TMA destinations)."""
+    gdt = _GL_DTYPES[torch_dtype]
+    return (gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM_V], gdt),
+            gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROPE_DIM], gdt))
+
+
+def _cache_rows(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The paged cache [num_blocks, page_size, 1, 576] as the 2-D [num_blocks·page_size, 576] tensor
+    the TMA descriptors index (row = block·page_size + slot); a view, never a copy."""
+    num_blocks, page_size, _, d = kv_cache.shape
+    return kv_cache.as_strided((num_blocks * page_size, d), (kv_cache.stride(1), kv_cache.stride(3)))
+
+
+def supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim_v: int, *, is_fp8_kvcache: bool = False,
+             indices=None, attn_sink=None, k_scale=None, **_ignored) -> bool:
+    """Whether this kernel may run these inputs (else the caller uses the tl kernel)."""
+    if is_fp8_kvcache or indices is not None or attn_sink is not None or k_scale is not None:
+        return False
+    if q.dim() != 4 or kv_cache.dim() != 4 or q.device.type != "cuda" or kv_cache.device != q.device:
+        return False
+    if q.dtype not in _GL_DTYPES or kv_cache.dtype != q.dtype:
+        return False
+    b, s_q, h_q, d = q.shape
+    num_blocks, page_size, h_kv, d_k = kv_cache.shape
+    if d != HEAD_DIM or d_k != HEAD_DIM or head_dim_v != HEAD_DIM_V or h_kv != 1:
+        return False
+    if page_size not in SUPPORTED_PAGE_SIZES or s_q * h_q < BLOCK_M or q.stride(3) != 1:
+        return False
+    # TMA: unit column stride, 16-byte aligned row stride and base, blocks adjacent (so the cache is
+    # one 2-D tensor of rows), row indices within int32
+    elem = kv_cache.element_size()
+    if kv_cache.stride(3) != 1 or (kv_cache.stride(1) * elem) % 16 or kv_cache.data_ptr() % 16:
+        return False
+    if num_blocks > 1 and kv_cache.stride(0) != page_size * kv_cache.stride(1):
+        return False
+    if num_blocks * page_size >= 2**31:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return True
+
+
+def hopper_split_launch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                        cache_seqlens: torch.Tensor, softmax_scale: float, causal: bool, num_splits: int,
+                        out: torch.Tensor, lse: torch.Tensor, out_part: torch.Tensor | None,
+                        lse_part: torch.Tensor | None) -> None:
+    """Launch the split kernel over grid (cdiv(s_q·h_q, 64), num_splits, b).
+
+    num_splits == 1: writes out [b, s_q, h_q, 512] (q.dtype) and lse [b, h_q, s_q] (float32, natural
+    log) directly; out_part/lse_part are not used (may be None).
+    num_splits > 1: writes out_part [b, num_splits, s_q·h_q, 512] and lse_part [b, num_splits, s_q·h_q]
+    (float32, contiguous, normalised partial outputs, base-2 lse, -inf for an empty split); the caller
+    then runs `merge_launch(out_part, lse_part, out, lse)`. Split i of a sequence of length L covers
+    keys [i·c, min((i+1)·c, L)), c = cdiv(cdiv(L, num_splits), 64)·64 (causal: also < L − s_q + the
+    group's last query + 1). out must have unit stride along its last dimension.
+    No validation and no host sync (the caller checked `supports`); CUDA-graph capturable."""
+    b, s_q, h_q, d = q.shape
+    page_size = kv_cache.shape[1]
+    num_rows = s_q * h_q
+    lat_layout, rope_layout = smem_layouts(q.dtype)
+    rows = _cache_rows(kv_cache)
+    lat_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, HEAD_DIM_V], lat_layout)
+    rope_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, ROPE_DIM], rope_layout)
+    single = num_splits == 1
+    if single:
+        out_part = lse_part = out  # unused
+    p_strides = (num_splits * num_rows * HEAD_DIM_V, num_rows * HEAD_DIM_V, HEAD_DIM_V, num_splits * num_rows,
+                 num_rows)
+    grid = (triton.cdiv(num_rows, BLOCK_M), num_splits, b)
+    _hopper_split_kernel[grid](
+        q, lat_desc, rope_desc, block_table, cache_seqlens, out, lse, out_part, lse_part,
+        softmax_scale * LOG2E, num_rows, h_q, s_q, num_splits,
+        q.stride(0), q.stride(1), q.stride(2),
+        block_table.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        *lse.stride(),
+        *p_strides,
+        PAGE_SIZE=page_size, CAUSAL=bool(causal), SINGLE_SPLIT=single,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM_V=HEAD_DIM_V, ROPE_DIM=ROPE_DIM, NUM_STAGES=NUM_STAGES,
+        num_warps=NUM_WARPS,
+    )
+
+
+@triton.jit
+def _merge_partials(OutPart, LsePart, Out, Lse, num_splits, h_q, s_q,
+                    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+                    HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One query row of one sequence: the splits' partial outputs weighted by 2^(lse_s - max), in split
+    order (bit-reproducible); empty splits (lse -inf) contribute nothing; a row with no key in any split
+    gets out 0 and lse -inf. The same arithmetic as triton_decode's merge of the layout this module's
+    split kernel writes ([b, num_splits, rows, HEAD_DIM_V] float32, base-2 lse [b, num_splits, rows])."""
+    row = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    num_rows = h_q * s_q
+    offs_v = tl.arange(0, HEAD_DIM_V)
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_row = LsePart + seq * num_splits * num_rows + row
+    lse_s = tl.load(lse_row + offs_s * num_rows, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.math.exp2(lse_s - m_safe), 0)
+    acc = tl.zeros([HEAD_DIM_V], dtype=tl.float32)
+    part_row = OutPart + (seq * num_splits * num_rows + row) * HEAD_DIM_V
+    for split in range(0, num_splits):
+        weight = tl.math.exp2(tl.load(lse_row + split * num_rows) - m_safe)
+        o = tl.load(part_row + split * num_rows * HEAD_DIM_V + offs_v)
+        acc += tl.where(weight > 0.0, weight * o, 0.0)
+    has_key = total > 0.0
+    out = acc / tl.where(has_key, total, 1.0)
+    lse2 = tl.where(has_key, m_safe + tl.math.log2(tl.where(has_key, total, 1.0)), float("-inf"))
+    query = row // h_q
+    head = row % h_q
+    tl.store(Out + seq * stride_ob + query * stride_os + head * stride_oh + offs_v, out.to(Out.dtype.element_ty))
+    tl.store(Lse + seq * stride_lb + head * stride_lh + query * stride_ls, lse2 * 0.6931471805599453)
+
+
+def merge_launch(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge the split kernel's partials into out [b, s_q, h_q, 512] (row-contiguous) and lse [b, h_q, s_q]."""
+    b, s_q, h_q, dv = out.shape
+    num_splits = out_part.shape[1]
+    _merge_partials[(s_q * h_q, b)](out_part, lse_part, out, lse, num_splits, h_q, s_q,
+                                    out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
+                                    HEAD_DIM_V=dv, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+
+
+def even_splits(q: torch.Tensor, max_len: int | None, sm_count: int, waves: int = 1,
+                min_split_tokens: int = 128) -> int:
+    """A split count: at least `waves` waves of programs (one fits an SM), and, when max_len is given,
+    at most one split per min_split_tokens keys. max_len=None: from shapes alone (no host sync; splits
+    past a sequence's length are empty and merge as nothing). One wave, not two: measured on an H200
+    (h=128, b=128, bf16), 256 programs of one split beat 512 of two by 4-17 % (partials written and
+    merged)."""
+    b, s_q, h_q, _ = q.shape
+    units = max(1, b * triton.cdiv(s_q * h_q, BLOCK_M))
+    splits = triton.cdiv(waves * sm_count, units)
+    if max_len is not None:
+        splits = min(splits, triton.cdiv(max(max_len, 1), min_split_tokens))
+    return max(1, splits)
+
+
+def hopper_paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                        cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool = False,
+                        num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole decode through this split kernel and `merge_launch` (tests and benchmarks; the dispatcher
+    in triton_decode wires `hopper_split_launch` into its own launch instead). num_splits defaults to
+    `even_splits` (reads max(cache_seqlens): a host sync)."""
+    if not supports(q, kv_cache, head_dim_v):
+        raise ValueError("hopper_paged_decode: inputs outside this kernel's scope (see supports())")
+    b, s_q, h_q, d = q.shape
+    num_rows = s_q * h_q
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        num_splits = even_splits(q, int(cache_seqlens.max()) if b else 0, sms)
+    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    if b == 0:
+        return out, lse
+    out_part = lse_part = None
+    if num_splits > 1:
+        out_part = torch.empty(b, num_splits, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(b, num_splits, num_rows, dtype=torch.float32, device=q.device)
+    hopper_split_launch(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), causal, num_splits, out, lse,
+                        out_part, lse_part)
+    if num_splits > 1:
+        merge_launch(out_part, lse_part, out, lse)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (no GPU needed): what tests/test_hopper_compile.py and the notes check
+# ----------------------------------------------------------------------------------------------
+
+def _descriptor_type(torch_dtype: torch.dtype, block_shape: list[int], layout) -> str:
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[torch_dtype]
+    return f"tensordesc<{name}[{','.join(map(str, block_shape))}],{layout!r}>"
+
+
+def compile_for_sm90(torch_dtype: torch.dtype = torch.bfloat16, causal: bool = False, single_split: bool = False,
+                     page_size: int = 64):
+    """Compile the split kernel for sm_90a with the installed Triton, without a GPU. Returns Triton's
+    compiled kernel (asm: ttgir/ptx/cubin; metadata: shared, num_warps, ...)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[torch_dtype]
+    lat_layout, rope_layout = smem_layouts(torch_dtype)
+    i32, i64 = "i32", "i64"
+    signature = {
+        "Q": f"*{name}", "lat_desc": _descriptor_type(torch_dtype, [BLOCK_N, HEAD_DIM_V], lat_layout),
+        "rope_desc": _descriptor_type(torch_dtype, [BLOCK_N, ROPE_DIM], rope_layout),
+        "BlockTable": "*i32", "SeqLens": "*i32", "Out": f"*{name}", "Lse": "*fp32", "OutPart": "*fp32",
+        "LsePart": "*fp32", "qk_scale": "fp32", "num_rows": i32, "h_q": i32, "s_q": i32, "num_splits": i32,
+        "stride_qb": i64, "stride_qs": i64, "stride_qh": i64, "stride_tb": i64,
+        "stride_ob": i64, "stride_os": i64, "stride_oh": i64, "stride_lb": i64, "stride_lh": i64, "stride_ls": i64,
+        "stride_pb": i64, "stride_ps": i64, "stride_pr": i64, "stride_lpb": i64, "stride_lps": i64,
+    }
+    constexprs = {"PAGE_SIZE": page_size, "CAUSAL": causal, "SINGLE_SPLIT": single_split, "BLOCK_M": BLOCK_M,
+                  "BLOCK_N": BLOCK_N, "HEAD_DIM_V": HEAD_DIM_V, "ROPE_DIM": ROPE_DIM, "NUM_STAGES": NUM_STAGES}
+    for key in constexprs:
+        signature[key] = "constexpr"
+    src = GluonASTSource(fn=_hopper_split_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})

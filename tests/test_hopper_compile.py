@@ -1,0 +1,97 @@
+"""The Gluon Hopper decode kernel (mla_verify.kernels.hopper_decode) compiles for sm_90a without a GPU.
+
+Runs on a CPU machine: Triton compiles for GPUTarget("cuda", 90, 32) with its own ptxas. What must hold:
+it compiles (bf16 and fp16, causal and not, split and single-split epilogues); its shared memory fits
+one block's 232,448 bytes; 8 warps; the PTX has TMA bulk tensor copies and wgmma; the SASS (read with the
+cuobjdump Triton's package carries, when present) has HGMMA, and with Triton 3.6, the GPU machine's
+version, where the kernel was measured, no stack frame and no local-memory spills. (Triton 3.9's build
+of the same source spills about 140 bytes of scalars: recorded, not failed.) The GPU check and timing
+are benchmarks/hopper_check.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import warnings
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+torch = pytest.importorskip("torch", reason="torch is not installed")
+pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon dialect")
+
+from mla_verify.kernels import hopper_decode as hd  # noqa: E402
+
+SMEM_LIMIT = 232448  # bytes one block may use on sm_90
+VARIANTS = [(torch.bfloat16, False, False), (torch.float16, True, True)]  # (dtype, causal, single split)
+
+
+def _cuobjdump() -> str | None:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{str(v[0])[6:]}-causal{int(v[1])}-single{int(v[2])}")
+def compiled(request):
+    dtype, causal, single = request.param
+    return hd.compile_for_sm90(dtype, causal=causal, single_split=single)
+
+
+def test_compiles_within_shared_memory(compiled):
+    shared = compiled.metadata.shared
+    # Q (72 KB) + two K stages (144 KB) + P (8 KB) at least, and within the block limit
+    assert 224 * 1024 <= shared <= SMEM_LIMIT, shared
+    assert compiled.metadata.num_warps == hd.NUM_WARPS == 8
+
+
+def test_ptx_uses_tma_and_wgmma(compiled):
+    ptx = compiled.asm["ptx"]
+    assert "cp.async.bulk.tensor" in ptx  # TMA copies of the cache tiles
+    assert "wgmma.mma_async" in ptx  # warpgroup MMA
+    assert "mbarrier" in ptx
+
+
+def test_sass_has_hgmma_and_no_spills(compiled):
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("Triton's package carries no cuobjdump here")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+    assert "HGMMA.64x256x16.F32" in sass  # P·V: each warpgroup's 64 × 256 half of O
+    assert "HGMMA.64x32x16.F32" in sass  # Q·Kᵀ: each warpgroup's 64 × 32 half of S
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    spills = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+    if triton.__version__.startswith("3.6"):
+        assert stack == 0 and spills == 0, usage
+    else:
+        if stack or spills:
+            warnings.warn(f"Triton {triton.__version__}: REG {regs}, STACK {stack}, {spills} LDL/STL (the "
+                          "measured Triton 3.6 build has none)")
+        assert stack <= 256, usage  # a guard against an accumulator spill (that would be 512+ bytes)
+    assert regs <= 255
+
+
+def test_supports_declines_what_it_cannot_run():
+    q = torch.zeros(2, 1, 64, 576, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 64, 1, 576, dtype=torch.bfloat16)
+    assert not hd.supports(q, cache, 512)  # CPU tensors
+    assert not hd.supports(q.float(), cache.float(), 512)
+    assert not hd.supports(q, cache, 512, is_fp8_kvcache=True)
+
+
+def test_even_splits():
+    q = torch.zeros(128, 1, 128, 576)
+    assert hd.even_splits(q, 4096, 132) == 1  # 256 programs already fill a wave of 132 SMs
+    q1 = torch.zeros(1, 1, 128, 576)
+    assert hd.even_splits(q1, 16384, 132) == 66
+    assert hd.even_splits(q1, 300, 132) == 3  # at most one split per 128 keys
+    assert hd.even_splits(q1, None, 132) == 66  # from shapes alone
