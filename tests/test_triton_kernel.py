@@ -303,7 +303,7 @@ def schedules() -> dict:
 def test_device_schedule_covers_every_tile_once_and_balances(schedules, name):
     lengths, parts, _ = SCHEDULES[name]
     got = schedules[name]
-    per_part, total = got["totals"]
+    per_part, total, pieces = got["totals"]
     block_n, overhead = got["block_n"], got["overhead"]
     units = [overhead + -(-n // block_n) for n in lengths]
     assert total == sum(units)
@@ -320,7 +320,7 @@ def test_device_schedule_covers_every_tile_once_and_balances(schedules, name):
         assert all(p < parts for p in holders), "a piece assigned to a part that is not launched"
         assert got["slot"][i] == slots
         slots += len(holders)
-    assert slots <= len(lengths) + parts  # the partial buffer's size
+    assert pieces == slots <= len(lengths) + parts  # the grid's and the partial buffer's size
     # balance: every launched part but the last holds per_part units, none more
     assert -(-total // per_part) <= parts
 

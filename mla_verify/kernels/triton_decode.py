@@ -93,8 +93,8 @@ MIN_SPLIT_TOKENS = 128
 # The fixed cost of a sequence (query load, epilogue, partial write and merge) in keys' worth of
 # work, counted in the plan beside its key tiles.
 OVERHEAD_TOKENS = 64
-# Waves of resident programs the parts fill: the plan balances the work, so one wave has no tail.
-WAVES = 1
+# Parts per resident program slot: pieces of about a third of a wave keep the last wave short.
+WAVES = 3
 # Output columns one merge program combines.
 MERGE_COLUMNS = 128
 # Multiprocessor count assumed when running on the CPU interpreter.
@@ -273,9 +273,10 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
     cut into equal parts of per_part = max(cdiv(total, num_parts), min_part_units) units; part p is
     one program per row group. A sequence's splits are the parts that hold its tiles (a part that
     holds only its overhead does not work on it; a sequence with no key is done by the part
-    holding its first unit). Per sequence this writes the unit its cost starts at, its first part,
-    its split count and its first partial-result slot (slots numbered sequence by sequence);
-    Totals = (per_part, total)."""
+    holding its first unit). A (sequence, part) pair is a piece, the work of one program; pieces are
+    numbered sequence by sequence in part order, and piece k writes its partial result to slot k.
+    Per sequence this writes the unit its cost starts at, its first part, its split count and its
+    first piece; Totals = (per_part, total units, total pieces)."""
     offs = tl.arange(0, BLOCK_B)
     total = tl.full([], 0, tl.int32)
     for first in range(0, num_seqs, BLOCK_B):
@@ -310,6 +311,31 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
         tl.store(SeqSplits + seq, splits, mask=ok)
         tl.store(SeqSlot + seq, slots + tl.cumsum(splits, 0) - splits, mask=ok)
         slots += tl.sum(splits, 0)
+    tl.store(Totals + 2, slots)
+
+
+@triton.jit
+def _find_piece(piece, SeqLens, SeqStart, SeqSlot, SeqFirstPart, Totals, num_seqs, topk,
+                BLOCK_N: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, BLOCK_B: tl.constexpr, SPARSE: tl.constexpr):
+    """Piece `piece` of the schedule: (sequence, its length, key range [start, end)). The sequence is the last whose first piece is <= piece (first pieces strictly increase:
+    every sequence has one); the part is the sequence's first part + the piece's rank in it."""
+    offs = tl.arange(0, BLOCK_B)
+    seq = tl.full([], -1, tl.int32)
+    for first in range(0, num_seqs, BLOCK_B):
+        firsts = tl.load(SeqSlot + first + offs, mask=first + offs < num_seqs, other=piece + 1)
+        seq += tl.sum((firsts <= piece).to(tl.int32), 0)
+    part = tl.load(SeqFirstPart + seq) + piece - tl.load(SeqSlot + seq)
+    per_part = tl.load(Totals)
+    unit_lo = part * per_part
+    unit_hi = tl.minimum(unit_lo + per_part, tl.load(Totals + 1))
+    if SPARSE:
+        seq_len = topk
+    else:
+        seq_len = tl.load(SeqLens + seq)
+    first_tile = tl.load(SeqStart + seq) + OVERHEAD_UNITS
+    start = tl.maximum(unit_lo - first_tile, 0) * BLOCK_N
+    end = tl.minimum(tl.minimum(unit_hi - first_tile, tl.cdiv(seq_len, BLOCK_N)) * BLOCK_N, seq_len)
+    return seq, seq_len, start, end
 
 
 @triton.jit
@@ -325,100 +351,78 @@ def _split_kernel(Q, Cache, Scales, Rope, KScale, BlockTable, SeqLens, Indices, 
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_B: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, CAUSAL: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr,
-                  KV_FORMAT: tl.constexpr, SPARSE: tl.constexpr, ATTN_SINK: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, KV_FORMAT: tl.constexpr, SPARSE: tl.constexpr,
+                  ATTN_SINK: tl.constexpr):
     pid_m = tl.program_id(0)  # row group (fastest: groups sharing cache tiles run side by side)
-    part = tl.program_id(1)  # part of the plan: units [part·per_part, (part+1)·per_part)
-    per_part = tl.load(Totals)
-    total = tl.load(Totals + 1)
-    unit_lo = part * per_part
-    if unit_lo < total:  # parts past the work (short batches) have nothing to do
-        unit_hi = tl.minimum(unit_lo + per_part, total)
-        # the sequence holding unit_lo: starts strictly increase (every sequence costs >= 1 unit)
-        offs_b = tl.arange(0, BLOCK_B)
-        seq = tl.full([], -1, tl.int32)
-        for first in range(0, num_seqs, BLOCK_B):
-            starts = tl.load(SeqStart + first + offs_b, mask=first + offs_b < num_seqs, other=unit_lo + 1)
-            seq += tl.sum((starts <= unit_lo).to(tl.int32), 0)
-        seq_start = tl.load(SeqStart + seq)
-
+    piece = tl.program_id(1)  # piece of the schedule (the grid has room for the most there can be)
+    if piece < tl.load(Totals + 2):
+        seq, seq_len, start, end = _find_piece(piece, SeqLens, SeqStart, SeqSlot, SeqFirstPart, Totals,
+                                               num_seqs, topk, BLOCK_N, OVERHEAD_UNITS, BLOCK_B, SPARSE)
+        splits = tl.load(SeqSplits + seq)
+        pid_b = seq.to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
+        if SPARSE:  # sequence = (batch row, query), rows = its heads, keys = its index list
+            batch = pid_b // s_q
+            query = (pid_b % s_q) + rows * 0
+            head = rows
+        else:  # rows fold s_q·h_q: row r = query r // h_q, head r % h_q
+            batch = pid_b
+            query = rows // h_q
+            head = rows % h_q
+        row_limit = seq_len - s_q + query + 1  # causal: query i sees positions < L - s_q + i + 1
+        if CAUSAL:  # no key past the group's last visible position
+            last_query = tl.minimum(s_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // h_q)
+            end = tl.minimum(end, seq_len - s_q + last_query + 1)
+
         offs_v = tl.arange(0, BLOCK_V)
         offs_r = tl.arange(0, BLOCK_R)
         col_v = offs_v < HEAD_DIM_V
         col_r = offs_r < HEAD_DIM - HEAD_DIM_V
+        q_row = Q + batch * stride_qb + query * stride_qs + head * stride_qh
+        q_lat = tl.load(q_row[:, None] + offs_v[None, :] * stride_qd, mask=row_ok[:, None] & col_v[None, :],
+                        other=0.0)
+        q_rope = tl.load(q_row[:, None] + (HEAD_DIM_V + offs_r)[None, :] * stride_qd,
+                         mask=row_ok[:, None] & col_r[None, :], other=0.0)
         k_scale = 1.0
         if KV_FORMAT == 2:
             k_scale = tl.load(KScale)
-        # each sequence whose tiles this part holds is one piece: those tiles, as a key range
-        while seq_start < unit_hi:
-            first_part = tl.load(SeqFirstPart + seq)
-            splits = tl.load(SeqSplits + seq)
-            if (part >= first_part) & (part < first_part + splits):  # not when it holds only overhead
-                pid_b = seq.to(tl.int64)
-                if SPARSE:  # sequence = (batch row, query), rows = its heads, keys = its index list
-                    batch = pid_b // s_q
-                    query = (pid_b % s_q) + rows * 0
-                    head = rows
-                    seq_len = topk
-                else:  # rows fold s_q·h_q: row r = query r // h_q, head r % h_q
-                    batch = pid_b
-                    query = rows // h_q
-                    head = rows % h_q
-                    seq_len = tl.load(SeqLens + seq)
-                first_tile = seq_start + OVERHEAD_UNITS
-                start = tl.maximum(unit_lo - first_tile, 0) * BLOCK_N
-                end = tl.minimum(tl.minimum(unit_hi - first_tile, tl.cdiv(seq_len, BLOCK_N)) * BLOCK_N, seq_len)
-                row_limit = seq_len - s_q + query + 1  # causal: query i sees positions < L - s_q + i + 1
-                if CAUSAL:  # no key past the group's last visible position
-                    last_query = tl.minimum(s_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // h_q)
-                    end = tl.minimum(end, seq_len - s_q + last_query + 1)
 
-                q_row = Q + batch * stride_qb + query * stride_qs + head * stride_qh
-                q_lat = tl.load(q_row[:, None] + offs_v[None, :] * stride_qd, mask=row_ok[:, None] & col_v[None, :],
-                                other=0.0)
-                q_rope = tl.load(q_row[:, None] + (HEAD_DIM_V + offs_r)[None, :] * stride_qd,
-                                 mask=row_ok[:, None] & col_r[None, :], other=0.0)
-                acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-                m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-                l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-                if SPARSE:
-                    index_ptr = Indices + batch * stride_ib + (pid_b % s_q) * stride_is
-                    acc, m_i, l_i = _attend_list(acc, m_i, l_i, q_lat, q_rope, Cache, Scales, Rope, k_scale, index_ptr,
-                                                 stride_ik, start, end, num_slots, qk_scale, page_size,
-                                                 stride_cache_block, stride_cache_slot, stride_cache_col,
-                                                 stride_scale_block, stride_scale_slot, stride_rope_block,
-                                                 stride_rope_slot, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_V, BLOCK_R,
-                                                 DOT_PRECISION, KV_FORMAT)
-                else:
-                    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q_lat, q_rope, Cache, Scales, Rope, k_scale,
-                                                  BlockTable + pid_b * stride_tb, start, end, row_limit, qk_scale,
-                                                  page_size, stride_cache_block, stride_cache_slot, stride_cache_col,
-                                                  stride_scale_block, stride_scale_slot, stride_rope_block,
-                                                  stride_rope_slot, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_V, BLOCK_R,
-                                                  CAUSAL, DOT_PRECISION, KV_FORMAT)
+        acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if SPARSE:
+            index_ptr = Indices + batch * stride_ib + (pid_b % s_q) * stride_is
+            acc, m_i, l_i = _attend_list(acc, m_i, l_i, q_lat, q_rope, Cache, Scales, Rope, k_scale, index_ptr,
+                                         stride_ik, start, end, num_slots, qk_scale, page_size,
+                                         stride_cache_block, stride_cache_slot, stride_cache_col,
+                                         stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
+                                         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_V, BLOCK_R, DOT_PRECISION, KV_FORMAT)
+        else:
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q_lat, q_rope, Cache, Scales, Rope, k_scale,
+                                          BlockTable + pid_b * stride_tb, start, end, row_limit, qk_scale, page_size,
+                                          stride_cache_block, stride_cache_slot, stride_cache_col,
+                                          stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
+                                          HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_V, BLOCK_R, CAUSAL, DOT_PRECISION,
+                                          KV_FORMAT)
 
-                # normalise; an empty row (l = 0) has acc = 0 and gets lse -inf
-                has_key = l_i > 0.0
-                o = acc / tl.where(has_key, l_i, 1.0)[:, None]
-                lse2 = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
-                if splits == 1:  # the only piece of its sequence: the final result
-                    if ATTN_SINK:  # out · 1 / (1 + 2^(sink·log2 e − lse₂)); lse unchanged
-                        sink = tl.load(Sink + head, mask=row_ok, other=0.0)
-                        o = o * tl.where(has_key, 1.0 / (1.0 + tl.math.exp2(sink * LOG2E_C - lse2)), 0.0)[:, None]
-                    out_ptr = Out + batch * stride_ob + query * stride_os + head * stride_oh
-                    tl.store(out_ptr[:, None] + offs_v[None, :] * stride_od, o.to(Out.dtype.element_ty),
-                             mask=row_ok[:, None] & col_v[None, :])
-                    tl.store(Lse + batch * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2, mask=row_ok)
-                else:  # one of its splits: the partial result at the sequence's slots, in part order
-                    slot = (tl.load(SeqSlot + seq) + part - first_part).to(tl.int64)
-                    part_rows = slot * num_rows + rows
-                    tl.store(OutPart + part_rows[:, None] * HEAD_DIM_V + offs_v[None, :], o,
-                             mask=row_ok[:, None] & col_v[None, :])
-                    tl.store(LsePart + part_rows, lse2, mask=row_ok)
-            seq += 1
-            seq_start = tl.load(SeqStart + seq, mask=seq < num_seqs, other=total)
+        # normalise; an empty row (l = 0) has acc = 0 and gets lse -inf
+        has_key = l_i > 0.0
+        o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+        lse2 = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+        if splits == 1:  # the only piece of its sequence: the final result
+            if ATTN_SINK:  # out · 1 / (1 + 2^(sink·log2 e − lse₂)); lse unchanged
+                sink = tl.load(Sink + head, mask=row_ok, other=0.0)
+                o = o * tl.where(has_key, 1.0 / (1.0 + tl.math.exp2(sink * LOG2E_C - lse2)), 0.0)[:, None]
+            out_ptr = Out + batch * stride_ob + query * stride_os + head * stride_oh
+            tl.store(out_ptr[:, None] + offs_v[None, :] * stride_od, o.to(Out.dtype.element_ty),
+                     mask=row_ok[:, None] & col_v[None, :])
+            tl.store(Lse + batch * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2, mask=row_ok)
+        else:  # one of its splits: the partial result in the piece's own slot
+            part_rows = piece.to(tl.int64) * num_rows + rows
+            tl.store(OutPart + part_rows[:, None] * HEAD_DIM_V + offs_v[None, :], o,
+                     mask=row_ok[:, None] & col_v[None, :])
+            tl.store(LsePart + part_rows, lse2, mask=row_ok)
 
 
 @triton.jit
@@ -561,9 +565,10 @@ def _schedule_block(num_seqs: int) -> int:
 def schedule_decode(cache_seqlens: torch.Tensor, num_seqs: int, plan: DecodePlan,
                     topk: int | None = None) -> tuple[torch.Tensor, ...]:
     """The device-side schedule of one launch (see `_schedule_kernel`): int32 tensors seq_start,
-    seq_splits, seq_slot, seq_first_part (one entry per sequence) and totals = (per_part, total).
+    seq_splits, seq_slot, seq_first_part (one entry per sequence) and totals = (per_part, total
+    units, total pieces).
     Sparse launches pass topk: every list is one sequence of topk entries."""
-    schedule = torch.empty(4 * num_seqs + 2, dtype=torch.int32, device=cache_seqlens.device)
+    schedule = torch.empty(4 * num_seqs + 3, dtype=torch.int32, device=cache_seqlens.device)
     parts = schedule[:4 * num_seqs].view(4, num_seqs)
     totals = schedule[4 * num_seqs:]
     block_n = plan.config.block_n
@@ -595,7 +600,7 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         return out, lse
     seq_start, seq_splits, seq_slot, seq_first_part, totals = schedule_decode(
         cache_seqlens, num_seqs, plan, topk=indices.shape[-1] if sparse else None)
-    # a part boundary inside a sequence adds one split: at most num_seqs + num_parts - 1 slots
+    # a part boundary inside a sequence adds one piece: at most num_seqs + num_parts - 1 pieces
     out_part = torch.empty(num_seqs + num_parts, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(num_seqs + num_parts, num_rows, dtype=torch.float32, device=q.device)
     # the cache as the kernel reads it: for fp8_ds_mla three views of the same bytes
@@ -606,7 +611,7 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     block_v = _pow2_at_least(head_dim_v)
     block_r = _pow2_at_least(d - head_dim_v)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
-    _split_kernel[(triton.cdiv(num_rows, config.block_m), num_parts)](
+    _split_kernel[(triton.cdiv(num_rows, config.block_m), num_seqs + num_parts)](
         q, cache, scales, rope, k_scale if k_scale is not None else q, block_table, cache_seqlens,
         indices if sparse else block_table, attn_sink if attn_sink is not None else q, out, lse, out_part, lse_part,
         seq_start, seq_splits, seq_slot, seq_first_part, totals,
