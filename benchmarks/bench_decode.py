@@ -47,6 +47,7 @@ from mla_verify.kernels import triton_decode as td  # noqa: E402
 D, DV, PAGE = 576, 512, 64
 SCALE = 192 ** -0.5 * (1 + 0.1 * math.log(40)) ** 2  # DeepSeek-V3 with YaRN
 GRAPH_L2_BYTES = 256 * 2**20  # rotate graph inputs over at least this many bytes
+WAVES_B1 = 1  # the b = 1 sweep: parts for one wave of resident programs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,45 +253,46 @@ def _row_line(r: dict, peers: dict, baseline: bool) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def sweep() -> None:
-    """Candidate configs and part counts on the shapes the heuristic is chosen for (GPU ms under
-    graph replay)."""
+    """Candidate configs and part counts (waves of resident slots) on the shapes the heuristic and
+    the plan's constants are chosen for (GPU µs under graph replay)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     candidates = {
+        # memory-bound, 16 rows: how many waves of parts
+        (16, 128, 16384, 1): [td.decode_config(torch.bfloat16, 16, D, DV)],
         # 32 rows (h=16, s_q=2): mma.sync tiles of 32 rows vs 64-row wgmma tiles half padding
-        (16, 128, 4096, 2): [td.DecodeConfig(32, 64, 8, 3), td.DecodeConfig(32, 32, 4, 2),
-                             td.DecodeConfig(64, 64, 8, 2), td.DecodeConfig(64, 32, 8, 2)],
-        (16, 128, 16384, 1): [td.DecodeConfig(16, 32, 4, 3)],
-        (128, 128, 4096, 1): [td.DecodeConfig(64, 64, 8, 2), td.DecodeConfig(64, 32, 8, 2)],
+        (16, 128, 4096, 2): [td.DecodeConfig(32, 64, 8, 3), td.DecodeConfig(64, 64, 8, 2)],
+        # compute-bound: the Hopper kernel (config None: the plan's own choice)
+        (128, 128, 4096, 1): [None],
     }
     for (h, b, length, s_q), configs in candidates.items():
         causal = s_q > 1
-        rows = s_q * h
-        print(f"\nsweep h={h} b={b} L={length} s_q={s_q}: heuristic {td.decode_config(torch.bfloat16, rows, D, DV)}",
-              flush=True)
+        print(f"\nsweep h={h} b={b} L={length} s_q={s_q}", flush=True)
         for config in configs:
             results = []
-            for per_sm in (1, 2):
-                parts = max(1, per_sm * sms // triton.cdiv(rows, config.block_m))
+            for waves in (1, 2, 3):
+                resident = config.resident_per_sm if config else 1
+                groups = triton.cdiv(s_q * h, config.block_m if config else 64)
+                parts = max(1, waves * resident * sms // groups)
                 try:
                     prepare = lambda *a, c=config, p=parts: prepare_triton(td, *a, num_parts=p, config=c)  # noqa: E731
                     ms = graph_ms(prepare, b, s_q, h, length, False, causal)
-                    results.append(f"{parts:4d} parts {1e3 * ms:8.1f} µs")
+                    results.append(f"{waves} waves ({parts} parts) {1e3 * ms:7.1f} µs")
                 except Exception as error:  # noqa: BLE001 - out of shared memory etc.: report and go on
                     results.append(f"failed: {type(error).__name__}: {str(error)[:80]}")
-            print(f"  {config.block_m:2d} {config.block_n:2d} {config.num_warps} {config.num_stages}: "
-                  + " | ".join(results), flush=True)
-    # b = 1: how finely to cut one long sequence (parts and the minimum part size)
+            name = f"{config.block_m} {config.block_n} {config.num_warps} {config.num_stages}" if config else "hopper"
+            print(f"  {name}: " + " | ".join(results), flush=True)
+    # b = 1: how finely to cut one long sequence (the minimum part size)
     print("\nsweep h=16 b=1 L=16384 s_q=1: min part size", flush=True)
     config = td.decode_config(torch.bfloat16, 16, D, DV)
-    for parts in (sms, 2 * sms):
-        for min_tokens in (32, 64, 128, 256):
-            plan = td.DecodePlan(config, parts, td._overhead_units(config) + triton.cdiv(min_tokens, config.block_n))
+    for min_tokens in (32, 64, 128, 256):
+        plan = td.DecodePlan(config, WAVES_B1 * config.resident_per_sm * sms,
+                             td._overhead_units(config) + triton.cdiv(min_tokens, config.block_n))
 
-            def prepare(q, c, t, lens, causal, plan=plan):
-                return lambda: td.launch_decode(q, c, t, lens, DV, SCALE, causal, plan)
+        def prepare(q, c, t, lens, causal, plan=plan):
+            return lambda: td.launch_decode(q, c, t, lens, DV, SCALE, causal, plan)
 
-            ms = graph_ms(prepare, 1, 1, 16, 16384, False, False)
-            print(f"  {parts} parts, min {min_tokens} keys: {1e3 * ms:.1f} µs", flush=True)
+        ms = graph_ms(prepare, 1, 1, 16, 16384, False, False)
+        print(f"  min {min_tokens} keys: {1e3 * ms:.1f} µs", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------

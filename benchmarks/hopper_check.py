@@ -3,16 +3,17 @@
     PYTHONPATH=. python3 benchmarks/hopper_check.py [--out DIR] [--no-bench] [--quick]
 
 1. Resources: the kernel compiled for this GPU (registers, spills, shared memory).
-2. Correctness: the Hopper split kernel (+ hopper_decode.merge_launch when split) against mla_verify's float64
-   reference (paged_decode_reference), beside the project's tl kernel on the same inputs. Cases: h 64
+2. Correctness: triton_decode's launch with the Hopper split kernel (its schedule and merge) against
+   mla_verify's float64 reference (paged_decode_reference), beside the project's tl kernel on the same
+   inputs. Cases: h 64
    and 128, s_q 1 and 2 (s_q 2 causal), b 1..8, lengths 0, 1, 63, 64, 65, 1000, ... varied per
    sequence, pages permuted, unused block-table entries int32-max, NaN in every cache slot past a
-   length and in every unused page, bf16 and fp16, split counts 1 / the plan's / more. Outputs are
-   NaN-poisoned before each launch (every element must be written). Reported: relative L2 error of out
+   length and in every unused page, bf16 and fp16, part counts the plan's / 1 / 3 / 7. (Unwritten
+   outputs are caught by the suite's poisoned allocator in `mla-verify certify`.) Reported: relative L2 error of out
    over the rows that see a key, max |Δlse| over them, and exact empty-row handling (out 0, lse -inf).
 3. Timing (eager, triton.testing.do_bench median): h=128, b=128, L=4096 and 16384, s_q 1 and 2 (causal),
-   bf16, page 64, pages permuted; the Hopper path (split counts: even_splits' default, 1, 2, 4) and the
-   tl kernel (td.launch_decode with its own plan); an 8192³ bf16 torch matmul in the same run as the ceiling.
+   bf16, page 64, pages permuted; the Hopper path (the plan's part count and twice it) and the tl
+   kernel (its own config forced); an 8192³ bf16 torch matmul in the same run as the ceiling.
    FLOP = 2·s_q·Σlengths·h·(576+512).
 The table is printed last; full results go to DIR/hopper_check.json.
 """
@@ -72,39 +73,17 @@ def make_inputs(gen, b, s_q, h, lengths, dtype, page=PAGE, spare_pages=3, poison
     return q, cache, table, seqlens
 
 
-def hopper_run(q, cache, table, seqlens, causal, num_splits):
-    """Split kernel + merge, with NaN-poisoned outputs and partials (everything must be written)."""
-    b, s_q, h, d = q.shape
-    rows = s_q * h
-    out = torch.full((b, s_q, h, DV), float("nan"), dtype=q.dtype, device=q.device)
-    lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device=q.device)
-    part = lpart = None
-    if num_splits > 1:
-        part = torch.full((b, num_splits, rows, DV), float("nan"), dtype=torch.float32, device=q.device)
-        lpart = torch.full((b, num_splits, rows), float("nan"), dtype=torch.float32, device=q.device)
-    hd.hopper_split_launch(q, cache, table, seqlens, SCALE, causal, num_splits, out, lse, part, lpart)
-    if num_splits > 1:
-        hd.merge_launch(part, lpart, out, lse)
-    return out, lse
-
-
-def load_tl_module(path):
-    """The tl kernel's module: the package's, or a file given by --tl-module (e.g. a snapshot of a
-    committed triton_decode.py while the package's copy is being edited)."""
-    global td
-    if path:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("triton_decode_snapshot", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        td = mod
-    log("tl kernel module:", td.__file__)
+def hopper_run(q, cache, table, seqlens, causal, num_parts=None):
+    """The decode through triton_decode's launch with the Hopper split kernel (its plan must pick it)."""
+    plan = td.plan_decode(q, cache, seqlens, DV, num_parts=num_parts)
+    assert plan.hopper, "the plan did not pick the Hopper kernel for a case it supports"
+    return td.launch_decode(q, cache, table, seqlens, DV, SCALE, causal, plan)
 
 
 def tl_run(q, cache, table, seqlens, causal):
-    """The project's tl kernel as its launch path runs it (plan made ahead, no host sync in the call)."""
-    plan = td.plan_decode(q, cache, seqlens, DV)
+    """The same launch with the portable tl split kernel (a config given: the plan keeps the tl path)."""
+    config = td.decode_config(q.dtype, q.shape[1] * q.shape[2], D, DV)
+    plan = td.plan_decode(q, cache, seqlens, DV, config=config)
     return lambda: td.launch_decode(q, cache, table, seqlens, DV, SCALE, causal, plan), plan
 
 
@@ -160,8 +139,7 @@ def check(args, results):
                 tl_cmp = dict(rel=float("nan"), dlse=float("nan"))
             for key in worst_tl:
                 worst_tl[key] = max(worst_tl[key], tl_cmp[key])
-            default = hd.even_splits(q, max(lengths), torch.cuda.get_device_properties(0).multi_processor_count)
-            for splits in sorted({1, default, 3, 7}):
+            for splits in (None, 1, 3, 7):  # the plan's own part count, then forced ones
                 out, lse = hopper_run(q, cache, table, seqlens, causal, splits)
                 torch.cuda.synchronize()
                 c = compare(out, lse, ref_out, ref_lse)
@@ -205,7 +183,7 @@ def bench(args, results):
                                                    poison=False)
             flop = 2 * s_q * b * L * h * (D + DV)
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-            default = hd.even_splits(q, L, sms)
+            default = td.plan_decode(q, cache, seqlens, DV).num_parts
             try:
                 fn, plan = tl_run(q, cache, table, seqlens, causal)
                 t_tl = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
@@ -214,7 +192,7 @@ def bench(args, results):
                 plan, t_tl = None, float("nan")
             entry = dict(L=L, s_q=s_q, b=b, h=h, causal=causal, plan_splits=default, tl_plan=repr(plan), tl_ms=t_tl,
                          tl_tflops=flop / t_tl / 1e9)
-            for splits in sorted({default, 1, 2, 4}):
+            for splits in sorted({default, 2 * default}):
                 t = triton.testing.do_bench(lambda: hopper_run(q, cache, table, seqlens, causal, splits),
                                             warmup=25, rep=200, return_mode="median")
                 entry[f"hopper_ms_s{splits}"] = t
@@ -246,7 +224,7 @@ def bench(args, results):
 
 
 def resources(results):
-    c = hd.compile_for_sm90(torch.bfloat16, causal=False, single_split=False)
+    c = hd.compile_for_sm90(torch.bfloat16, causal=False)
     info = dict(shared=c.metadata.shared, num_warps=c.metadata.num_warps, triton=triton.__version__)
     try:
         c._init_handles()

@@ -1,7 +1,7 @@
 """The Gluon Hopper decode kernel (mla_verify.kernels.hopper_decode) compiles for sm_90a without a GPU.
 
 Runs on a CPU machine: Triton compiles for GPUTarget("cuda", 90, 32) with its own ptxas. What must hold:
-it compiles (bf16 and fp16, causal and not, split and single-split epilogues); its shared memory fits
+it compiles (bf16 and fp16, causal and not, a small and a large batch); its shared memory fits
 one block's 232,448 bytes; 8 warps; the PTX has TMA bulk tensor copies and wgmma; the SASS (read with the
 cuobjdump Triton's package carries, when present) has HGMMA, and with Triton 3.6, the GPU machine's
 version, where the kernel was measured, no stack frame and no local-memory spills. (Triton 3.9's build
@@ -26,7 +26,7 @@ pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluo
 from mla_verify.kernels import hopper_decode as hd  # noqa: E402
 
 SMEM_LIMIT = 232448  # bytes one block may use on sm_90
-VARIANTS = [(torch.bfloat16, False, False), (torch.float16, True, True)]  # (dtype, causal, single split)
+VARIANTS = [(torch.bfloat16, False, 128), (torch.float16, True, 4096)]  # (dtype, causal, batch)
 
 
 def _cuobjdump() -> str | None:
@@ -34,10 +34,10 @@ def _cuobjdump() -> str | None:
     return path if os.path.exists(path) else None
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{str(v[0])[6:]}-causal{int(v[1])}-single{int(v[2])}")
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{str(v[0])[6:]}-causal{int(v[1])}-b{v[2]}")
 def compiled(request):
-    dtype, causal, single = request.param
-    return hd.compile_for_sm90(dtype, causal=causal, single_split=single)
+    dtype, causal, batch = request.param
+    return hd.compile_for_sm90(dtype, causal=causal, batch=batch)
 
 
 def test_compiles_within_shared_memory(compiled):
@@ -88,10 +88,8 @@ def test_supports_declines_what_it_cannot_run():
     assert not hd.supports(q, cache, 512, is_fp8_kvcache=True)
 
 
-def test_even_splits():
-    q = torch.zeros(128, 1, 128, 576)
-    assert hd.even_splits(q, 4096, 132) == 1  # 256 programs already fill a wave of 132 SMs
-    q1 = torch.zeros(1, 1, 128, 576)
-    assert hd.even_splits(q1, 16384, 132) == 66
-    assert hd.even_splits(q1, 300, 132) == 3  # at most one split per 128 keys
-    assert hd.even_splits(q1, None, 132) == 66  # from shapes alone
+def test_supports_declines_batches_past_its_sequence_search():
+    # the kernel finds its sequence in one vector load of MAX_BATCH entries; larger batches use the tl kernel
+    assert hd._batch_block(hd.MAX_BATCH) == hd.MAX_BATCH
+    q = torch.zeros(hd.MAX_BATCH + 1, 1, 64, 576, dtype=torch.bfloat16)
+    assert not hd.supports(q, torch.zeros(4, 64, 1, 576, dtype=torch.bfloat16), 512)

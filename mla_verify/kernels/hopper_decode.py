@@ -3,24 +3,19 @@
 The portable kernel (mla_verify.kernels.triton_decode) is plain `tl` code; on an H200 it reaches about a
 third of the bf16 matmul rate when many query rows share each cache tile (h·s_q ≥ 64), because its
 [64, 512] fp32 accumulator spills at one program per SM and the three stages of a tile (Q·Kᵀ, softmax,
-P·V) run strictly one after the other. This module is a replacement for that kernel's split kernel
-in exactly that case, in the split-KV design (programs = row group × split × sequence, partials merged
-in a second kernel):
+P·V) run strictly one after the other. This module replaces that kernel's split kernel in exactly that
+case; triton_decode's `launch_decode` picks it when `supports` says so, with the same device schedule
+(one program per piece: 64 query rows × one key range of one sequence) and the same merge:
 
     supports(q, kv_cache, head_dim_v, ...) -> bool        may this path run these inputs?
-    hopper_split_launch(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, num_splits,
-                        out, lse, out_part, lse_part)     launch the split kernel
-    merge_launch(out_part, lse_part, out, lse)            merge its partials (when num_splits > 1)
-    even_splits(q, max_len, sm_count) -> int              a split count (from shapes alone if max_len=None)
-    hopper_paged_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
-                        num_splits=None) -> (out, lse)    the three above in one call
-    compile_for_sm90(dtype, causal, single_split)         ahead-of-time compile, no GPU needed
+    hopper_split_launch(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, out, lse,
+                        out_part, lse_part, schedule, num_parts, overhead_units)
+    compile_for_sm90(dtype, causal)                       ahead-of-time compile, no GPU needed
 
 What one program does (read `_hopper_split_kernel` top to bottom):
 
-  one program = 64 query rows (rows fold s_q·h_q as in triton_decode: row r = query r // h_q, head
-  r % h_q) × one contiguous key range [start, end) of one sequence, cut like triton_decode's splits.
-
+  0. Find its piece in the schedule (rows fold s_q·h_q as in triton_decode: row r = query r // h_q,
+     head r % h_q): the sequence, the part, hence the key range [start, end).
   1. Stage Q: the program's 64 rows of q (latent 512 + rope 64 columns) are loaded once and kept in
      shared memory for the whole key range (72 KB), in the swizzled layout the tensor cores read.
   2. Stage K: each 64-key tile is one page slice of the paged cache. The cache is viewed as a 2-D
@@ -45,10 +40,8 @@ What one program does (read `_hopper_split_kernel` top to bottom):
      warpgroup run Q·Kᵀ/softmax for a different tile, freeing the halves of V separately, and
      waiting per 64-column chunk of K. No producer warp (gl.warp_specialize) either.
   7. Epilogue: O / l and lse; the final out (q's dtype) and lse (natural log, [b, h, s_q]) when the
-     launch has one split, else the float32 normalised partial output [b, num_splits, s_q·h_q, 512]
-     and base-2 lse [b, num_splits, s_q·h_q] (−inf for an empty split): the layout and arithmetic of
-     triton_decode's split-KV kernel as committed in 8585f04, merged by `merge_launch` (the same
-     weights 2^(lse_s − max) in split order as triton_decode's merge).
+     piece is its sequence's only one, else the float32 normalised partial output and base-2 lse
+     (−inf for no key) in the piece's slot, for triton_decode's merge.
 
 Masking and poison: TMA always copies whole 64-row tiles, so a range whose end is not a multiple of 64
 reads slots past the sequence's length (data of no one, possibly NaN or Inf). Their scores become −inf
@@ -60,9 +53,9 @@ expects). Query rows past h_q·s_q (the last row group) are loaded as zeros and 
 Scope (`supports`): CUDA sm_90, bf16/fp16 q and a native cache of the same dtype, d = 576 and
 head_dim_v = 512, page_size 64, a cache whose rows are contiguous and page blocks adjacent (block
 stride = page_size · row stride, 16-byte aligned), q with unit stride along d, at least 64 query rows
-(h_q·s_q), no FP8, sparse indices or attention sinks. Anything else: the caller falls back to the tl
-kernel. (Pages of 128, 192, ... take the same code path, a tile never crossing a page, but have not
-been run on a GPU yet; SUPPORTED_PAGE_SIZES widens when they have.)
+(h_q·s_q), at most MAX_BATCH sequences, no FP8, sparse indices or attention sinks. Anything else: the
+caller falls back to the tl kernel. (Pages of 128, 192, ... take the same code path, a tile never
+crossing a page, but have not been run on a GPU yet; SUPPORTED_PAGE_SIZES widens when they have.)
 
 Compiles with Triton 3.6 (the GPU machine: 239–240 registers, no spills, 229,904 bytes of shared memory)
 and 3.9 (CI; its build spills ~144 bytes of scalars, not measured on a GPU); the few API differences are
@@ -80,8 +73,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["supports", "hopper_split_launch", "merge_launch", "hopper_paged_decode", "even_splits", "compile_for_sm90",
-           "BLOCK_M", "BLOCK_N", "NUM_WARPS"]
+__all__ = ["supports", "hopper_split_launch", "compile_for_sm90", "BLOCK_M", "BLOCK_N", "NUM_WARPS"]
 
 # ----------------------------------------------------------------------------------------------
 # Compatibility between Triton 3.6 and 3.9 (the only place that knows the difference)
@@ -103,6 +95,7 @@ NUM_WARPS = 8  # two consumer warpgroups
 NUM_STAGES = 2  # K ring depth: Q 72 KB + 2 × 72 KB + P 8 KB = 224 KB of the 227 KB an SM offers
 SUPPORTED_PAGE_SIZES = (64,)  # any multiple of BLOCK_N works by construction; only 64 is GPU-checked
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+MAX_BATCH = 4096  # a program finds its sequence in one vector load of this many first-piece indices
 LOG2E = 1.4426950408889634
 LN2 = gl.constexpr(0.6931471805599453)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -159,13 +152,13 @@ def _zero_tail_rows(v_smem, valid, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constex
 @gluon.jit
 def _hopper_split_kernel(
         Q, lat_desc, rope_desc, BlockTable, SeqLens, Out, Lse, OutPart, LsePart,
-        qk_scale, num_rows, h_q, s_q, num_splits,
+        SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals,
+        qk_scale, num_rows, h_q, s_q, num_seqs,
         stride_qb, stride_qs, stride_qh,
         stride_tb,
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_lh, stride_ls,
-        stride_pb, stride_ps, stride_pr, stride_lpb, stride_lps,
-        PAGE_SIZE: gl.constexpr, CAUSAL: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        PAGE_SIZE: gl.constexpr, CAUSAL: gl.constexpr, OVERHEAD_UNITS: gl.constexpr, BLOCK_B: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constexpr, ROPE_DIM: gl.constexpr,
         NUM_STAGES: gl.constexpr):
     dtype: gl.constexpr = lat_desc.dtype
@@ -187,15 +180,26 @@ def _hopper_split_kernel(
     qk_smem_layout: gl.constexpr = lat_desc.layout  # 128-byte swizzle, what TMA writes and wgmma reads
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
 
-    # -- which rows, which keys --------------------------------------------------------------------
+    # -- which rows, which keys: piece `piece` of triton_decode's device schedule -----------------------
     pid_m = gl.program_id(0)  # row group (fastest: groups sharing cache tiles run side by side)
-    pid_s = gl.program_id(1)  # split
-    pid_b = gl.program_id(2).to(gl.int64)  # sequence
+    piece = gl.program_id(1)  # the grid has room for the most pieces there can be; the rest idle
+    active = piece < gl.load(Totals + 2)
+    seq_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[8],
+                                                order=[0])
+    firsts = gl.arange(0, BLOCK_B, layout=seq_layout)
+    firsts = gl.load(SeqSlot + firsts, mask=firsts < num_seqs, other=piece + 1)
+    seq = gl.sum((firsts <= piece).to(gl.int32), axis=0) - 1  # the last sequence whose first piece <= piece
+    splits = gl.load(SeqSplits + seq)
+    part = gl.load(SeqFirstPart + seq) + piece - gl.load(SeqSlot + seq)
+    per_part = gl.load(Totals)
+    unit_lo = part * per_part
+    unit_hi = gl.minimum(unit_lo + per_part, gl.load(Totals + 1))
+    pid_b = seq.to(gl.int64)
     seq_len = gl.load(SeqLens + pid_b)
-    # this split's keys: chunks of whole tiles, the same count for every sequence (as triton_decode)
-    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    end = gl.minimum(start + chunk, seq_len)
+    first_tile = gl.load(SeqStart + seq) + OVERHEAD_UNITS
+    start = gl.maximum(unit_lo - first_tile, 0) * BLOCK_N
+    end = gl.minimum(gl.minimum(unit_hi - first_tile, gl.cdiv(seq_len, BLOCK_N)) * BLOCK_N, seq_len)
+    end = gl.where(active, end, start)
     if CAUSAL:  # no key past the group's last visible position
         last_query = gl.minimum(s_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // h_q)
         end = gl.minimum(end, seq_len - s_q + last_query + 1)
@@ -295,18 +299,18 @@ def _hopper_split_kernel(
     o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 1)
     rows_o = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
     cols_o = gl.expand_dims(gl.arange(0, HEAD_DIM_V, layout=col_o), 0)
-    ok_o = gl.expand_dims(rows_o < num_rows, 1)
+    ok_o = gl.expand_dims((rows_o < num_rows) & active, 1)
     rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-    ok_s = rows_s < num_rows
-    if SINGLE_SPLIT:
+    ok_s = (rows_s < num_rows) & active
+    if splits == 1:  # the only piece of its sequence: the final result
         out_row = Out + pid_b * stride_ob + (rows_o // h_q) * stride_os + (rows_o % h_q) * stride_oh
         gl.store(gl.expand_dims(out_row, 1) + cols_o, o.to(Out.dtype.element_ty), mask=ok_o)
         lse_ptr = Lse + pid_b * stride_lb + (rows_s % h_q) * stride_lh + (rows_s // h_q) * stride_ls
         gl.store(lse_ptr, lse2 * LN2, mask=ok_s)
-    else:
-        part_row = OutPart + pid_b * stride_pb + pid_s * stride_ps + rows_o.to(gl.int64) * stride_pr
+    else:  # one of its splits: the partial result in the piece's own slot, merged by triton_decode
+        part_row = OutPart + (piece.to(gl.int64) * num_rows + rows_o) * HEAD_DIM_V
         gl.store(gl.expand_dims(part_row, 1) + cols_o, o, mask=ok_o)
-        gl.store(LsePart + pid_b * stride_lpb + pid_s * stride_lps + rows_s, lse2, mask=ok_s)
+        gl.store(LsePart + piece.to(gl.int64) * num_rows + rows_s, lse2, mask=ok_s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +344,7 @@ def supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim_v: int, *, is_fp8
     num_blocks, page_size, h_kv, d_k = kv_cache.shape
     if d != HEAD_DIM or d_k != HEAD_DIM or head_dim_v != HEAD_DIM_V or h_kv != 1:
         return False
-    if page_size not in SUPPORTED_PAGE_SIZES or s_q * h_q < BLOCK_M or q.stride(3) != 1:
+    if page_size not in SUPPORTED_PAGE_SIZES or s_q * h_q < BLOCK_M or q.stride(3) != 1 or b > MAX_BATCH:
         return False
     # TMA: unit column stride, 16-byte aligned row stride and base, blocks adjacent (so the cache is
     # one 2-D tensor of rows), row indices within int32
@@ -357,129 +361,40 @@ def supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim_v: int, *, is_fp8
 
 
 def hopper_split_launch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                        cache_seqlens: torch.Tensor, softmax_scale: float, causal: bool, num_splits: int,
-                        out: torch.Tensor, lse: torch.Tensor, out_part: torch.Tensor | None,
-                        lse_part: torch.Tensor | None) -> None:
-    """Launch the split kernel over grid (cdiv(s_q·h_q, 64), num_splits, b).
-
-    num_splits == 1: writes out [b, s_q, h_q, 512] (q.dtype) and lse [b, h_q, s_q] (float32, natural
-    log) directly; out_part/lse_part are not used (may be None).
-    num_splits > 1: writes out_part [b, num_splits, s_q·h_q, 512] and lse_part [b, num_splits, s_q·h_q]
-    (float32, contiguous, normalised partial outputs, base-2 lse, -inf for an empty split); the caller
-    then runs `merge_launch(out_part, lse_part, out, lse)`. Split i of a sequence of length L covers
-    keys [i·c, min((i+1)·c, L)), c = cdiv(cdiv(L, num_splits), 64)·64 (causal: also < L − s_q + the
-    group's last query + 1). out must have unit stride along its last dimension.
-    No validation and no host sync (the caller checked `supports`); CUDA-graph capturable."""
+                        cache_seqlens: torch.Tensor, softmax_scale: float, causal: bool, out: torch.Tensor,
+                        lse: torch.Tensor, out_part: torch.Tensor, lse_part: torch.Tensor,
+                        schedule: tuple[torch.Tensor, ...], num_parts: int, overhead_units: int) -> None:
+    """Launch the split kernel over grid (cdiv(s_q·h_q, 64), b + num_parts): one program per piece of
+    triton_decode's device schedule (`schedule_decode`: seq_start, seq_splits, seq_slot,
+    seq_first_part, totals, made with block_n = 64 and `overhead_units`). A piece that is its
+    sequence's only one writes out [b, s_q, h_q, 512] (q.dtype) and lse [b, h_q, s_q] (float32,
+    natural log); piece k of a split sequence writes out_part[k] [s_q·h_q, 512] and lse_part[k]
+    (float32, normalised, base-2 lse, -inf for no key), which triton_decode's merge combines.
+    out must have unit stride along its last dimension. No validation and no host sync (the caller
+    checked `supports`); CUDA-graph capturable."""
     b, s_q, h_q, d = q.shape
-    page_size = kv_cache.shape[1]
     num_rows = s_q * h_q
     lat_layout, rope_layout = smem_layouts(q.dtype)
     rows = _cache_rows(kv_cache)
     lat_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, HEAD_DIM_V], lat_layout)
     rope_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, ROPE_DIM], rope_layout)
-    single = num_splits == 1
-    if single:
-        out_part = lse_part = out  # unused
-    p_strides = (num_splits * num_rows * HEAD_DIM_V, num_rows * HEAD_DIM_V, HEAD_DIM_V, num_splits * num_rows,
-                 num_rows)
-    grid = (triton.cdiv(num_rows, BLOCK_M), num_splits, b)
+    grid = (triton.cdiv(num_rows, BLOCK_M), b + num_parts)
     _hopper_split_kernel[grid](
-        q, lat_desc, rope_desc, block_table, cache_seqlens, out, lse, out_part, lse_part,
-        softmax_scale * LOG2E, num_rows, h_q, s_q, num_splits,
+        q, lat_desc, rope_desc, block_table, cache_seqlens, out, lse, out_part, lse_part, *schedule,
+        softmax_scale * LOG2E, num_rows, h_q, s_q, b,
         q.stride(0), q.stride(1), q.stride(2),
         block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         *lse.stride(),
-        *p_strides,
-        PAGE_SIZE=page_size, CAUSAL=bool(causal), SINGLE_SPLIT=single,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM_V=HEAD_DIM_V, ROPE_DIM=ROPE_DIM, NUM_STAGES=NUM_STAGES,
-        num_warps=NUM_WARPS,
+        PAGE_SIZE=kv_cache.shape[1], CAUSAL=bool(causal), OVERHEAD_UNITS=overhead_units,
+        BLOCK_B=_batch_block(b), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM_V=HEAD_DIM_V, ROPE_DIM=ROPE_DIM,
+        NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS,
     )
 
 
-@triton.jit
-def _merge_partials(OutPart, LsePart, Out, Lse, num_splits, h_q, s_q,
-                    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-                    HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One query row of one sequence: the splits' partial outputs weighted by 2^(lse_s - max), in split
-    order (bit-reproducible); empty splits (lse -inf) contribute nothing; a row with no key in any split
-    gets out 0 and lse -inf. The same arithmetic as triton_decode's merge of the layout this module's
-    split kernel writes ([b, num_splits, rows, HEAD_DIM_V] float32, base-2 lse [b, num_splits, rows])."""
-    row = tl.program_id(0)
-    seq = tl.program_id(1).to(tl.int64)
-    num_rows = h_q * s_q
-    offs_v = tl.arange(0, HEAD_DIM_V)
-    offs_s = tl.arange(0, BLOCK_S)
-    lse_row = LsePart + seq * num_splits * num_rows + row
-    lse_s = tl.load(lse_row + offs_s * num_rows, mask=offs_s < num_splits, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.math.exp2(lse_s - m_safe), 0)
-    acc = tl.zeros([HEAD_DIM_V], dtype=tl.float32)
-    part_row = OutPart + (seq * num_splits * num_rows + row) * HEAD_DIM_V
-    for split in range(0, num_splits):
-        weight = tl.math.exp2(tl.load(lse_row + split * num_rows) - m_safe)
-        o = tl.load(part_row + split * num_rows * HEAD_DIM_V + offs_v)
-        acc += tl.where(weight > 0.0, weight * o, 0.0)
-    has_key = total > 0.0
-    out = acc / tl.where(has_key, total, 1.0)
-    lse2 = tl.where(has_key, m_safe + tl.math.log2(tl.where(has_key, total, 1.0)), float("-inf"))
-    query = row // h_q
-    head = row % h_q
-    tl.store(Out + seq * stride_ob + query * stride_os + head * stride_oh + offs_v, out.to(Out.dtype.element_ty))
-    tl.store(Lse + seq * stride_lb + head * stride_lh + query * stride_ls, lse2 * 0.6931471805599453)
-
-
-def merge_launch(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge the split kernel's partials into out [b, s_q, h_q, 512] (row-contiguous) and lse [b, h_q, s_q]."""
-    b, s_q, h_q, dv = out.shape
-    num_splits = out_part.shape[1]
-    _merge_partials[(s_q * h_q, b)](out_part, lse_part, out, lse, num_splits, h_q, s_q,
-                                    out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
-                                    HEAD_DIM_V=dv, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
-
-
-def even_splits(q: torch.Tensor, max_len: int | None, sm_count: int, waves: int = 1,
-                min_split_tokens: int = 128) -> int:
-    """A split count: at least `waves` waves of programs (one fits an SM), and, when max_len is given,
-    at most one split per min_split_tokens keys. max_len=None: from shapes alone (no host sync; splits
-    past a sequence's length are empty and merge as nothing). One wave, not two: measured on an H200
-    (h=128, b=128, bf16), 256 programs of one split beat 512 of two by 4-17 % (partials written and
-    merged)."""
-    b, s_q, h_q, _ = q.shape
-    units = max(1, b * triton.cdiv(s_q * h_q, BLOCK_M))
-    splits = triton.cdiv(waves * sm_count, units)
-    if max_len is not None:
-        splits = min(splits, triton.cdiv(max(max_len, 1), min_split_tokens))
-    return max(1, splits)
-
-
-def hopper_paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                        cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool = False,
-                        num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole decode through this split kernel and `merge_launch` (tests and benchmarks; the dispatcher
-    in triton_decode wires `hopper_split_launch` into its own launch instead). num_splits defaults to
-    `even_splits` (reads max(cache_seqlens): a host sync)."""
-    if not supports(q, kv_cache, head_dim_v):
-        raise ValueError("hopper_paged_decode: inputs outside this kernel's scope (see supports())")
-    b, s_q, h_q, d = q.shape
-    num_rows = s_q * h_q
-    if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        num_splits = even_splits(q, int(cache_seqlens.max()) if b else 0, sms)
-    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
-    if b == 0:
-        return out, lse
-    out_part = lse_part = None
-    if num_splits > 1:
-        out_part = torch.empty(b, num_splits, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(b, num_splits, num_rows, dtype=torch.float32, device=q.device)
-    hopper_split_launch(q, kv_cache, block_table, cache_seqlens, float(softmax_scale), causal, num_splits, out, lse,
-                        out_part, lse_part)
-    if num_splits > 1:
-        merge_launch(out_part, lse_part, out, lse)
-    return out, lse
+def _batch_block(b: int) -> int:
+    """The width of the vector a program finds its sequence in (one load; see MAX_BATCH)."""
+    return max(256, triton.next_power_of_2(max(b, 1)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,8 +406,8 @@ def _descriptor_type(torch_dtype: torch.dtype, block_shape: list[int], layout) -
     return f"tensordesc<{name}[{','.join(map(str, block_shape))}],{layout!r}>"
 
 
-def compile_for_sm90(torch_dtype: torch.dtype = torch.bfloat16, causal: bool = False, single_split: bool = False,
-                     page_size: int = 64):
+def compile_for_sm90(torch_dtype: torch.dtype = torch.bfloat16, causal: bool = False, page_size: int = 64,
+                     batch: int = 128):
     """Compile the split kernel for sm_90a with the installed Triton, without a GPU. Returns Triton's
     compiled kernel (asm: ttgir/ptx/cubin; metadata: shared, num_warps, ...)."""
     from triton.backends.compiler import GPUTarget
@@ -505,12 +420,13 @@ def compile_for_sm90(torch_dtype: torch.dtype = torch.bfloat16, causal: bool = F
         "Q": f"*{name}", "lat_desc": _descriptor_type(torch_dtype, [BLOCK_N, HEAD_DIM_V], lat_layout),
         "rope_desc": _descriptor_type(torch_dtype, [BLOCK_N, ROPE_DIM], rope_layout),
         "BlockTable": "*i32", "SeqLens": "*i32", "Out": f"*{name}", "Lse": "*fp32", "OutPart": "*fp32",
-        "LsePart": "*fp32", "qk_scale": "fp32", "num_rows": i32, "h_q": i32, "s_q": i32, "num_splits": i32,
+        "LsePart": "*fp32", "SeqStart": "*i32", "SeqSplits": "*i32", "SeqSlot": "*i32", "SeqFirstPart": "*i32",
+        "Totals": "*i32", "qk_scale": "fp32", "num_rows": i32, "h_q": i32, "s_q": i32, "num_seqs": i32,
         "stride_qb": i64, "stride_qs": i64, "stride_qh": i64, "stride_tb": i64,
         "stride_ob": i64, "stride_os": i64, "stride_oh": i64, "stride_lb": i64, "stride_lh": i64, "stride_ls": i64,
-        "stride_pb": i64, "stride_ps": i64, "stride_pr": i64, "stride_lpb": i64, "stride_lps": i64,
     }
-    constexprs = {"PAGE_SIZE": page_size, "CAUSAL": causal, "SINGLE_SPLIT": single_split, "BLOCK_M": BLOCK_M,
+    constexprs = {"PAGE_SIZE": page_size, "CAUSAL": causal, "OVERHEAD_UNITS": 1, "BLOCK_B": _batch_block(batch),
+                  "BLOCK_M": BLOCK_M,
                   "BLOCK_N": BLOCK_N, "HEAD_DIM_V": HEAD_DIM_V, "ROPE_DIM": ROPE_DIM, "NUM_STAGES": NUM_STAGES}
     for key in constexprs:
         signature[key] = "constexpr"

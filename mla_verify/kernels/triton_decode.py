@@ -317,7 +317,8 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
 @triton.jit
 def _find_piece(piece, SeqLens, SeqStart, SeqSlot, SeqFirstPart, Totals, num_seqs, topk,
                 BLOCK_N: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, BLOCK_B: tl.constexpr, SPARSE: tl.constexpr):
-    """Piece `piece` of the schedule: (sequence, its length, key range [start, end)). The sequence is the last whose first piece is <= piece (first pieces strictly increase:
+    """Piece `piece` of the schedule: (sequence, its length, key range [start, end)). The sequence is
+    the last whose first piece is <= piece (first pieces strictly increase:
     every sequence has one); the part is the sequence's first part + the piece's rank in it."""
     offs = tl.arange(0, BLOCK_B)
     seq = tl.full([], -1, tl.int32)
@@ -520,6 +521,11 @@ def decode_config(dtype: torch.dtype, num_rows: int, head_dim: int, head_dim_v: 
     return DecodeConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, resident_per_sm=2)
 
 
+# The Gluon Hopper kernel's tile (hopper_decode: 64 rows, one 64-key page tile, 8 warps, 2 stages; one
+# program an SM), in the terms the plan needs.
+HOPPER_CONFIG = DecodeConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, resident_per_sm=1, waves=1)
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     """What a launch needs besides the tensors. Made from shapes alone (no lengths, no host sync);
@@ -528,6 +534,7 @@ class DecodePlan:
     config: DecodeConfig
     num_parts: int  # parts (programs per row group) the units of all sequences are cut into
     min_part_units: int  # a part covers at least this many units, so pieces are not too short
+    hopper: bool = False  # the split kernel is hopper_decode's (Gluon, sm_90a) rather than the tl one
 
 
 def _sm_count(device: torch.device) -> int:
@@ -544,14 +551,26 @@ def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Te
     sweeps) also lifts the minimum part size to one unit, so that small cases split."""
     b, s_q, h_q, d = q.shape
     num_rows = h_q if indices is not None else s_q * h_q
-    config = config or decode_config(q.dtype, num_rows, d, head_dim_v)
+    hopper = config is None and indices is None and _hopper_supports(q, kv_cache, head_dim_v)
+    config = config or (HOPPER_CONFIG if hopper else decode_config(q.dtype, num_rows, d, head_dim_v))
     if num_parts is not None:
         if not isinstance(num_parts, int) or num_parts < 1:
             raise ValueError(f"num_parts must be an int >= 1; got {num_parts!r}")
-        return DecodePlan(config=config, num_parts=num_parts, min_part_units=1)
+        return DecodePlan(config=config, num_parts=num_parts, min_part_units=1, hopper=hopper)
     slots = config.waves * config.resident_per_sm * _sm_count(q.device)
     return DecodePlan(config=config, num_parts=max(1, slots // triton.cdiv(num_rows, config.block_m)),
-                      min_part_units=_overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n))
+                      min_part_units=_overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n),
+                      hopper=hopper)
+
+
+def _hopper_supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim_v: int) -> bool:
+    """Whether the Gluon Hopper split kernel takes these shapes (imported only on a CUDA device: the
+    CPU interpreter does not run Gluon)."""
+    if q.device.type != "cuda" or interpreting():
+        return False
+    from mla_verify.kernels import hopper_decode
+
+    return hopper_decode.supports(q, kv_cache, head_dim_v)
 
 
 def _overhead_units(config: DecodeConfig) -> int:
@@ -583,38 +602,26 @@ def schedule_decode(cache_seqlens: torch.Tensor, num_seqs: int, plan: DecodePlan
 # Host wrappers
 # ----------------------------------------------------------------------------------------------
 
-def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-                  head_dim_v: int, softmax_scale: float, causal: bool, plan: DecodePlan, *, kv_format: str = "native",
-                  k_scale: torch.Tensor | None = None, indices: torch.Tensor | None = None,
-                  attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allocate the outputs and launch the three kernels (schedule, split, merge); no validation
-    and no host sync (graph-capturable)."""
+def _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plan, kv_format,
+                  k_scale, indices, attn_sink, out, lse, out_part, lse_part, schedule) -> None:
+    """The portable (tl) split kernel over grid (row groups, num_seqs + num_parts): one program per piece."""
     b, s_q, h_q, d = q.shape
     page_size = kv_cache.shape[1]
     sparse = indices is not None
     num_seqs, num_rows = (b * s_q, h_q) if sparse else (b, s_q * h_q)
     config, num_parts = plan.config, plan.num_parts
-    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
-    seq_start, seq_splits, seq_slot, seq_first_part, totals = schedule_decode(
-        cache_seqlens, num_seqs, plan, topk=indices.shape[-1] if sparse else None)
-    # a part boundary inside a sequence adds one piece: at most num_seqs + num_parts - 1 pieces
-    out_part = torch.empty(num_seqs + num_parts, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(num_seqs + num_parts, num_rows, dtype=torch.float32, device=q.device)
+    block_v = _pow2_at_least(head_dim_v)
     # the cache as the kernel reads it: for fp8_ds_mla three views of the same bytes
     cache = scales = rope = kv_cache
     if kv_format == "fp8_ds_mla":
         cache, scales, rope = split_packed(kv_cache, d, head_dim_v)
     index_strides = indices.stride() if sparse else (0, 0, 0)
-    block_v = _pow2_at_least(head_dim_v)
     block_r = _pow2_at_least(d - head_dim_v)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     _split_kernel[(triton.cdiv(num_rows, config.block_m), num_seqs + num_parts)](
         q, cache, scales, rope, k_scale if k_scale is not None else q, block_table, cache_seqlens,
         indices if sparse else block_table, attn_sink if attn_sink is not None else q, out, lse, out_part, lse_part,
-        seq_start, seq_splits, seq_slot, seq_first_part, totals,
+        *schedule,
         softmax_scale * LOG2E, page_size, num_rows, h_q, s_q, num_seqs, kv_cache.shape[0] * page_size,
         indices.shape[-1] if sparse else 0,
         *q.stride(),
@@ -629,6 +636,37 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         KV_FORMAT=FORMAT_CODES[kv_format], SPARSE=sparse, ATTN_SINK=attn_sink is not None,
         BLOCK_B=_schedule_block(num_seqs), num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                  head_dim_v: int, softmax_scale: float, causal: bool, plan: DecodePlan, *, kv_format: str = "native",
+                  k_scale: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+                  attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate the outputs and launch the three kernels (schedule, split, merge); no validation
+    and no host sync (graph-capturable). The split kernel is hopper_decode's when the plan chose it
+    and the call has a native cache, no indices and no sink; the tl kernel otherwise."""
+    b, s_q, h_q, d = q.shape
+    sparse = indices is not None
+    num_seqs, num_rows = (b * s_q, h_q) if sparse else (b, s_q * h_q)
+    num_parts = plan.num_parts
+    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    schedule = schedule_decode(cache_seqlens, num_seqs, plan, topk=indices.shape[-1] if sparse else None)
+    seq_splits, seq_slot = schedule[1], schedule[2]
+    # a part boundary inside a sequence adds one piece: at most num_seqs + num_parts - 1 pieces
+    out_part = torch.empty(num_seqs + num_parts, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(num_seqs + num_parts, num_rows, dtype=torch.float32, device=q.device)
+    block_v = _pow2_at_least(head_dim_v)
+    if plan.hopper and kv_format == "native" and not sparse and attn_sink is None:
+        from mla_verify.kernels import hopper_decode
+
+        hopper_decode.hopper_split_launch(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, out, lse,
+                                          out_part, lse_part, schedule, num_parts, _overhead_units(plan.config))
+    else:
+        _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plan, kv_format,
+                      k_scale, indices, attn_sink, out, lse, out_part, lse_part, schedule)
     merge_cols = min(block_v, MERGE_COLUMNS)
     _merge_kernel[(num_rows, num_seqs, triton.cdiv(head_dim_v, merge_cols))](
         out_part, lse_part, seq_splits, seq_slot, attn_sink if attn_sink is not None else q, out, lse,
