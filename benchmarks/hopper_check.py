@@ -240,12 +240,10 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tl-module", default=None, help="file to load the tl kernel (triton_decode) from")
     args = ap.parse_args()
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     log(results)
     t0 = time.time()
-    load_tl_module(args.tl_module)
     try:
         resources(results)
     except Exception as e:  # noqa: BLE001

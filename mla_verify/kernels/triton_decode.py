@@ -27,12 +27,11 @@ How it runs (read top to bottom):
 4. `_split_kernel`: one program per (row group, part), one wave. The s_q·h_q query rows of a
    sequence are one M dimension (row r = query r // h_q, head r % h_q), cut into groups of
    BLOCK_M, so a group's dots are [BLOCK_M, d] @ [d, BLOCK_N] and [BLOCK_M, BLOCK_N] @
-   [BLOCK_N, head_dim_v]. A part walks the sequences its units touch; for each (a piece: a
-   contiguous key range) it writes the final out and lse when the piece is the whole sequence,
-   otherwise its normalised partial output and lse (float32, base 2) into the sequence's slots;
-5. `_merge_kernel`: per query row of a split sequence, combines its splits in slot order (so
-   results are bit-reproducible): weights 2^(lse_s - max), empty splits (lse -inf) contribute
-   nothing, an all-empty row gives out 0 and lse -inf;
+   [BLOCK_N, head_dim_v]. A piece is one sequence's share of one part: a contiguous key range;
+   its program writes the normalised partial output and lse (float32, base 2) to the piece's slot;
+5. `_merge_kernel`: per query row of a sequence, combines its pieces in slot order (so results
+   are bit-reproducible): weights 2^(lse_s - max), empty pieces (lse -inf) contribute nothing, an
+   all-empty row gives out 0 and lse -inf; a sequence of one piece is copied (the same bits);
 6. the configs (a shape heuristic, no autotuning: the same shapes always run the same code), the
    plan (from shapes alone) and the host wrappers.
 
@@ -48,7 +47,7 @@ FP8 caches and sparse decode (the contract's keywords is_fp8_kvcache, k_scale, i
   key loop runs over the query's index list instead of a length: entry k names pool slot
   idx = block·page_size + offset; entries with idx < 0 or idx >= num_blocks·page_size are masked
   before any load (never read), their scores -inf. The plan cuts the lists like lengths.
-- ATTN_SINK (constexpr): the final output (single split, or the merge) is multiplied by
+- ATTN_SINK (constexpr): the final output (in the merge) is multiplied by
   1 / (1 + 2^(sink·log2 e − lse₂)); partial outputs and the lse are not.
 
 Masking: key slots at or past a sequence's length (or a causal row's limit) are never gathered:
@@ -60,8 +59,11 @@ smallest tensor-core dot) with masked loads.
 The plan is made from shapes alone: parts = WAVES · R · SMs / row groups (R the config's programs
 resident per SM), each at least MIN_SPLIT_TOKENS keys' worth of work; the schedule kernel turns the
 lengths into pieces on the device. So `launch_decode` with a `DecodePlan` made ahead reads no
-tensor on the host: a serving loop can capture schedule, split and merge in one CUDA graph. The
-merge is always launched; its programs for sequences done in one piece return at once.
+tensor on the host: a serving loop can capture schedule, split and merge in one CUDA graph.
+
+On Hopper (sm_90) with bf16/fp16, d = 576/512, page 64 and at least 64 query rows, the split
+kernel is mla_verify.kernels.hopper_decode's Gluon kernel (TMA, wgmma), on the same schedule, its
+partials merged by the same merge (it stores a sequence's only piece as the final result itself).
 """
 
 from __future__ import annotations
@@ -340,26 +342,22 @@ def _find_piece(piece, SeqLens, SeqStart, SeqSlot, SeqFirstPart, Totals, num_seq
 
 
 @triton.jit
-def _split_kernel(Q, Cache, Scales, Rope, KScale, BlockTable, SeqLens, Indices, Sink, Out, Lse, OutPart, LsePart,
+def _split_kernel(Q, Cache, Scales, Rope, KScale, BlockTable, SeqLens, Indices, OutPart, LsePart,
                   SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals,
                   qk_scale, page_size, num_rows, h_q, s_q, num_seqs, num_slots, topk,
                   stride_qb, stride_qs, stride_qh, stride_qd,
                   stride_cache_block, stride_cache_slot, stride_cache_col,
                   stride_scale_block, stride_scale_slot, stride_rope_block, stride_rope_slot,
                   stride_tb, stride_ib, stride_is, stride_ik,
-                  stride_ob, stride_os, stride_oh, stride_od,
-                  stride_lb, stride_lh, stride_ls,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_B: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, CAUSAL: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, KV_FORMAT: tl.constexpr, SPARSE: tl.constexpr,
-                  ATTN_SINK: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, KV_FORMAT: tl.constexpr, SPARSE: tl.constexpr):
     pid_m = tl.program_id(0)  # row group (fastest: groups sharing cache tiles run side by side)
     piece = tl.program_id(1)  # piece of the schedule (the grid has room for the most there can be)
     if piece < tl.load(Totals + 2):
         seq, seq_len, start, end = _find_piece(piece, SeqLens, SeqStart, SeqSlot, SeqFirstPart, Totals,
                                                num_seqs, topk, BLOCK_N, OVERHEAD_UNITS, BLOCK_B, SPARSE)
-        splits = tl.load(SeqSplits + seq)
         pid_b = seq.to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
@@ -411,34 +409,30 @@ def _split_kernel(Q, Cache, Scales, Rope, KScale, BlockTable, SeqLens, Indices, 
         has_key = l_i > 0.0
         o = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse2 = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
-        if splits == 1:  # the only piece of its sequence: the final result
-            if ATTN_SINK:  # out · 1 / (1 + 2^(sink·log2 e − lse₂)); lse unchanged
-                sink = tl.load(Sink + head, mask=row_ok, other=0.0)
-                o = o * tl.where(has_key, 1.0 / (1.0 + tl.math.exp2(sink * LOG2E_C - lse2)), 0.0)[:, None]
-            out_ptr = Out + batch * stride_ob + query * stride_os + head * stride_oh
-            tl.store(out_ptr[:, None] + offs_v[None, :] * stride_od, o.to(Out.dtype.element_ty),
-                     mask=row_ok[:, None] & col_v[None, :])
-            tl.store(Lse + batch * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2, mask=row_ok)
-        else:  # one of its splits: the partial result in the piece's own slot
-            part_rows = piece.to(tl.int64) * num_rows + rows
-            tl.store(OutPart + part_rows[:, None] * HEAD_DIM_V + offs_v[None, :], o,
-                     mask=row_ok[:, None] & col_v[None, :])
-            tl.store(LsePart + part_rows, lse2, mask=row_ok)
+        # the partial result in the piece's own slot, also for a sequence's only piece: the merge writes
+        # every final result (one store path here keeps the 16-row config within its registers)
+        part_rows = piece.to(tl.int64) * num_rows + rows
+        tl.store(OutPart + part_rows[:, None] * HEAD_DIM_V + offs_v[None, :], o,
+                 mask=row_ok[:, None] & col_v[None, :])
+        tl.store(LsePart + part_rows, lse2, mask=row_ok)
 
 
 @triton.jit
 def _merge_kernel(OutPart, LsePart, SeqSplits, SeqSlot, Sink, Out, Lse, num_rows, h_q, s_q,
                   stride_ob, stride_os, stride_oh, stride_od,
                   stride_lb, stride_lh, stride_ls,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_C: tl.constexpr, SPARSE: tl.constexpr, ATTN_SINK: tl.constexpr):
-    """One query row of one split sequence, BLOCK_C output columns: the splits' partial outputs
-    weighted by 2^(lse_split - max), in slot order (bit-reproducible); empty splits (lse -inf)
-    contribute nothing; an all-empty row gives out 0 and lse -inf."""
+                  HEAD_DIM_V: tl.constexpr, BLOCK_C: tl.constexpr, SPARSE: tl.constexpr, ATTN_SINK: tl.constexpr,
+                  FINAL_IN_SPLIT: tl.constexpr):
+    """One query row of one sequence, BLOCK_C output columns: the splits' partial outputs weighted
+    by 2^(lse_split - max), in slot order (bit-reproducible); empty splits (lse -inf) contribute
+    nothing; an all-empty row gives out 0 and lse -inf. A sequence of one split is copied (weight
+    2^0 = 1: the same bits as storing it directly), unless the split kernel stored it itself
+    (FINAL_IN_SPLIT)."""
     row = tl.program_id(0)
     seq = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     splits = tl.load(SeqSplits + seq)
-    if splits > 1:  # a sequence with one split was finished by its split program
+    if (splits > 1) or (not FINAL_IN_SPLIT):
         pid_b = seq.to(tl.int64)
         if SPARSE:  # sequence = (batch row, query), rows = heads
             batch = pid_b // s_q
@@ -603,7 +597,7 @@ def schedule_decode(cache_seqlens: torch.Tensor, num_seqs: int, plan: DecodePlan
 # ----------------------------------------------------------------------------------------------
 
 def _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plan, kv_format,
-                  k_scale, indices, attn_sink, out, lse, out_part, lse_part, schedule) -> None:
+                  k_scale, indices, out_part, lse_part, schedule) -> None:
     """The portable (tl) split kernel over grid (row groups, num_seqs + num_parts): one program per piece."""
     b, s_q, h_q, d = q.shape
     page_size = kv_cache.shape[1]
@@ -620,21 +614,17 @@ def _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_s
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     _split_kernel[(triton.cdiv(num_rows, config.block_m), num_seqs + num_parts)](
         q, cache, scales, rope, k_scale if k_scale is not None else q, block_table, cache_seqlens,
-        indices if sparse else block_table, attn_sink if attn_sink is not None else q, out, lse, out_part, lse_part,
-        *schedule,
+        indices if sparse else block_table, out_part, lse_part, *schedule,
         softmax_scale * LOG2E, page_size, num_rows, h_q, s_q, num_seqs, kv_cache.shape[0] * page_size,
         indices.shape[-1] if sparse else 0,
         *q.stride(),
         cache.stride(0), cache.stride(1), cache.stride(3),
         scales.stride(0), scales.stride(1), rope.stride(0), rope.stride(1),
         block_table.stride(0), *index_strides,
-        *out.stride(),
-        *lse.stride(),
         HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_V=block_v, BLOCK_R=block_r,
         OVERHEAD_UNITS=_overhead_units(config), CAUSAL=bool(causal) and not sparse, DOT_PRECISION=precision,
-        KV_FORMAT=FORMAT_CODES[kv_format], SPARSE=sparse, ATTN_SINK=attn_sink is not None,
-        BLOCK_B=_schedule_block(num_seqs), num_warps=config.num_warps, num_stages=config.num_stages,
+        KV_FORMAT=FORMAT_CODES[kv_format], SPARSE=sparse, BLOCK_B=_schedule_block(num_seqs), num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -659,14 +649,15 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     out_part = torch.empty(num_seqs + num_parts, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(num_seqs + num_parts, num_rows, dtype=torch.float32, device=q.device)
     block_v = _pow2_at_least(head_dim_v)
-    if plan.hopper and kv_format == "native" and not sparse and attn_sink is None:
+    hopper = plan.hopper and kv_format == "native" and not sparse and attn_sink is None
+    if hopper:  # writes a sequence's only piece as the final result itself
         from mla_verify.kernels import hopper_decode
 
         hopper_decode.hopper_split_launch(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, out, lse,
                                           out_part, lse_part, schedule, num_parts, _overhead_units(plan.config))
-    else:
+    else:  # writes every piece as a partial result
         _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plan, kv_format,
-                      k_scale, indices, attn_sink, out, lse, out_part, lse_part, schedule)
+                      k_scale, indices, out_part, lse_part, schedule)
     merge_cols = min(block_v, MERGE_COLUMNS)
     _merge_kernel[(num_rows, num_seqs, triton.cdiv(head_dim_v, merge_cols))](
         out_part, lse_part, seq_splits, seq_slot, attn_sink if attn_sink is not None else q, out, lse,
@@ -674,7 +665,7 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         *out.stride(),
         *lse.stride(),
         HEAD_DIM_V=head_dim_v, BLOCK_C=merge_cols, SPARSE=sparse, ATTN_SINK=attn_sink is not None,
-        num_warps=max(1, merge_cols // 128),
+        FINAL_IN_SPLIT=hopper, num_warps=max(1, merge_cols // 128),
     )
     return out, lse
 
