@@ -1,5 +1,6 @@
 """Rounding facts: the one copy of unit roundoff, γ_n, their probabilistic counterpart, half an ulp,
-and the worst error/bound ratio. Both halves (decode and layer) build their bounds from these.
+the worst error/bound ratio and bit equality. Both halves (decode and layer) build their bounds from
+these.
 
 IEEE round to nearest: a real x in the normal range of a type rounds to fl(x) = x·(1 + δ) with
 |δ| ≤ u, the unit roundoff (half the machine epsilon); below the normal range the absolute error is
@@ -15,6 +16,9 @@ by at most γ̃_n(λ)·Σ|terms| with γ̃_n(λ) = exp(λ·√n·u + n·u²/(1 �
 probability 2·exp(−λ²(1 − u)²/2)·n at most; `probabilistic_gamma` returns the smaller of the two
 (for n below about λ² the worst case is the smaller). λ = TAIL = 8 puts that probability at 2.5e-14
 per sum.
+
+Bit equality (`bits_differ`, `bitwise_equal`) is the other side of the same facts: where a result is
+promised identical rather than within a bound, it is compared by its bits, so +0 and −0 differ.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import math
 import torch
 
 __all__ = ["TAIL", "unit_roundoff", "smallest_subnormal", "gamma", "probabilistic_gamma", "rounding_error",
-           "half_ulp", "coarser", "finer", "exp_relative_error", "worst_ratio"]
+           "half_ulp", "coarser", "finer", "exp_relative_error", "worst_ratio", "bits_differ", "bitwise_equal"]
 
 F64 = torch.float64
 # Hoeffding tail factor of the probabilistic (sharp) tiers: P(|sum| > TAIL·sqrt(Σ c²)) ≤ 2·exp(-TAIL²/2) = 2.5e-14.
@@ -110,3 +114,32 @@ def worst_ratio(error: torch.Tensor, bound: torch.Tensor) -> tuple[float, tuple[
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ratio.shape))
     value = float(ratio[index])
     return (math.inf if math.isnan(value) else value), index
+
+
+_SAME_WIDTH_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits_differ(a: torch.Tensor, b: torch.Tensor, *, nan_payload: bool) -> torch.Tensor:
+    """Elementwise: whether a and b (same shape and dtype) hold different bit patterns. Floating
+    values are compared as the integers of their width, so the comparison is NaN-safe (a NaN is not
+    unequal to itself) and +0 differs from −0. nan_payload: whether two NaNs with different sign or
+    payload bits differ (True: every bit counts, as for memory that must not be written); with
+    False every NaN equals every other (IEEE 754 leaves the payload of a produced NaN to the
+    hardware, and which operand's payload survives a sum to the order, so a kernel's NaN bits say
+    nothing about its arithmetic that NaN itself does not)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"bits_differ compares tensors of one shape and dtype; got {tuple(a.shape)} {a.dtype} and "
+                         f"{tuple(b.shape)} {b.dtype}")
+    if not a.dtype.is_floating_point:
+        return a != b
+    width = _SAME_WIDTH_INTEGER[a.element_size()]
+    differ = a.view(width) != b.view(width)
+    if not nan_payload:
+        differ &= ~(a.isnan() & b.isnan())
+    return differ
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor, *, nan_payload: bool) -> bool:
+    """Whether a and b are the same tensor bit for bit: one shape, one dtype, no element whose bits
+    differ (`bits_differ`; nan_payload as there)."""
+    return a.shape == b.shape and a.dtype == b.dtype and not bool(bits_differ(a, b, nan_payload=nan_payload).any())

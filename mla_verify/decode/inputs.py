@@ -34,6 +34,7 @@ import torch
 from mla_verify.decode.case import DecodeCase
 from mla_verify.decode.fp8 import SCALE_GROUP, packed_width, poison_bytes, quantize, reference_scales
 from mla_verify.decode.sparse import CANARY_BLOCKS, draw_index_list, query_limits, sink_values
+from mla_verify.rounding import bits_differ
 
 __all__ = ["OUT_OF_RANGE_BLOCK", "DecodeInputs", "build_inputs", "device_problem", "sequence_values"]
 
@@ -174,7 +175,8 @@ class DecodeInputs:
         """(tensors modified inside their logical extent, buffers written in their canaries)."""
         modified, out_of_bounds = [], []
         for name, now in self.buffers().items():
-            changed = _bitwise_changed(before[name], now)
+            # every bit counts, NaN payloads too: rewriting a NaN-poisoned slot is a write
+            changed = bits_differ(before[name], now, nan_payload=True)
             if not changed.any():
                 continue
             inside = self.logical.get(name)
@@ -185,14 +187,6 @@ class DecodeInputs:
             if (changed & ~inside).any():
                 out_of_bounds.append(name)
         return modified, out_of_bounds
-
-
-def _bitwise_changed(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Elementwise 'bits differ' (NaN-safe)."""
-    if before.dtype.is_floating_point:
-        width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[before.element_size()]
-        return before.view(width) != after.view(width)
-    return before != after
 
 
 def device_problem(device: str) -> str | None:

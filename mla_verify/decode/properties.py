@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +29,7 @@ from mla_verify.decode.contract import Capabilities, capabilities_of, quantizer_
 from mla_verify.decode.case import DecodeCase
 from mla_verify.decode.fp8 import FP8_FORMATS, quantizer_errors, reference_scales
 from mla_verify.decode.sparse import HUGE_INDEX
+from mla_verify.rounding import bits_differ, bitwise_equal
 
 __all__ = ["DecodeProperty", "DECODE_PROPERTIES", "FP8_SPARSE_PROPERTIES", "ALL_PROPERTIES", "property_named",
            "properties_for", "sparse_variant", "CaseVerdict", "check"]
@@ -95,23 +97,34 @@ def _matches_reference(impl: Implementation, case: DecodeCase) -> Ratios:
 def _identical_or_within(impl: Implementation, case: DecodeCase, first: Observed, second: Observed,
                          kind: FailureKind, what: str, rows: slice = slice(None),
                          first_inputs: DecodeInputs | None = None) -> Ratios:
-    """Bitwise equality for a deterministic kernel; within twice the bound for one that declares
-    itself nondeterministic (each run is within the bound of the same reference). When the two
-    calls differ and `first_inputs` is given, the first call is repeated: a kernel that differs
-    from itself on the same inputs is reported as nondeterministic, not as `kind`."""
+    """Bit-identical results for a deterministic kernel; within twice the bound for one that
+    declares itself nondeterministic (each run is within the bound of the same reference). When the
+    two calls differ and `first_inputs` is given, the first call is repeated: a kernel that differs
+    from itself on the same inputs is reported as nondeterministic, not as `kind`.
+
+    What "identical" accepts (deterministic, page_order_invariant, rows_independent alike): the
+    same bits (`mla_verify.rounding.bitwise_equal`), except that any NaN equals any NaN.
+    - +0 against −0 is a difference. A deterministic kernel runs the same instructions on the same
+      inputs, so it cannot flip the sign of a zero; one that does took another path (another
+      reduction order, a split or a block skipped), which is what each property exists to show:
+      for page_order_invariant, that the physical placement of the pages steered the arithmetic.
+      The sign is also observable downstream (1/x, copysign, signbit, atan2), and batch-invariant
+      serving compares logits bit for bit. Kernels that want latitude declare
+      deterministic=False and are judged within twice the bound instead.
+    - NaN's sign and payload are not: IEEE 754 leaves the payload of a produced NaN to the
+      hardware and which operand's survives an addition to the order, and a NaN where a value is
+      due is matches_reference's failure (NONFINITE), judged there with the case's NaN pattern."""
     a_out, b_out = first.out[rows], second.out[rows]
     a_lse, b_lse = first.lse[rows], second.lse[rows]
     if impl.capabilities.deterministic:
-        same = _bitwise_equal(a_out, b_out) and _bitwise_equal(a_lse, b_lse)
-        if not same:
+        if not _identical(a_out, b_out, a_lse, b_lse):
+            difference = _difference(a_out, b_out, a_lse, b_lse)
             if first_inputs is not None:
                 again = call_kernel(impl, first_inputs)
-                if not (_bitwise_equal(first.out, again.out) and _bitwise_equal(first.lse, again.lse)):
+                if not _identical(first.out, again.out, first.lse, again.lse):
                     kind, what = FailureKind.NONDETERMINISM, "two calls on the same inputs"
-            difference = (a_out.double() - b_out.double()).abs().nan_to_num(nan=float("inf")).max().item()
-            raise CaseFailure(Finding(kind, f"{what}: out differs by up to {difference:.3g} (the kernel "
-                                            "declares itself deterministic, so results must be bit-identical)"),
-                              case)
+            raise CaseFailure(Finding(kind, f"{what}: {difference} (the kernel declares itself deterministic, so "
+                                            "results must be bit-identical)"), case)
         return Ratios()
     expected = expected_for(build_inputs(case), impl.capabilities)
     bound = 2 * expected.out_bound[rows].to(a_out.device)
@@ -122,8 +135,27 @@ def _identical_or_within(impl: Implementation, case: DecodeCase, first: Observed
     return Ratios(sound=ratio)
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+def _identical(a_out: torch.Tensor, b_out: torch.Tensor, a_lse: torch.Tensor, b_lse: torch.Tensor) -> bool:
+    """Both outputs bit for bit, any NaN equal to any NaN (see `_identical_or_within`)."""
+    return bitwise_equal(a_out, b_out, nan_payload=False) and bitwise_equal(a_lse, b_lse, nan_payload=False)
+
+
+def _difference(a_out: torch.Tensor, b_out: torch.Tensor, a_lse: torch.Tensor, b_lse: torch.Tensor) -> str:
+    """How two results that are not bit-identical differ: per output, the elements whose bits
+    differ and the largest difference ('only the sign of zero' when every one is +0 against −0)."""
+    parts = []
+    for name, a, b in (("out", a_out, b_out), ("lse", a_lse, b_lse)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            parts.append(f"{name} is {tuple(a.shape)} {a.dtype} once and {tuple(b.shape)} {b.dtype} the other time")
+            continue
+        differ = bits_differ(a, b, nan_payload=False)
+        count = int(differ.sum())
+        if count == 0:
+            continue
+        largest = (a.double() - b.double()).abs().nan_to_num(nan=math.inf)[differ].max().item()
+        parts.append(f"{name} differs in {count} of {a.numel()} elements, by up to {largest:.3g}"
+                     + (" (only the sign of zero: +0 against −0)" if largest == 0 else ""))
+    return "; ".join(parts)
 
 
 def _page_order_invariant(impl: Implementation, case: DecodeCase) -> Ratios:
@@ -243,10 +275,9 @@ def _same_or_within(impl: Implementation, case: DecodeCase, inputs: DecodeInputs
     """Bit-identical results when promised, else within twice the bound (both calls are within
     the bound of the same reference)."""
     if bit_identical:
-        if not (_bitwise_equal(first.out, second.out) and _bitwise_equal(first.lse, second.lse)):
-            difference = (first.out.double() - second.out.double()).abs().nan_to_num(nan=float("inf")).max().item()
-            raise CaseFailure(Finding(kind, f"{what}: out differs by up to {difference:.3g} (results must be "
-                                            "bit-identical)"), case)
+        if not _identical(first.out, second.out, first.lse, second.lse):
+            raise CaseFailure(Finding(kind, f"{what}: {_difference(first.out, second.out, first.lse, second.lse)} "
+                                            "(results must be bit-identical)"), case)
         return Ratios()
     expected = expected_for(inputs, impl.capabilities)
     out_ratio = _pair_ratio(first.out, second.out, expected.out_bound, expected.has_key[..., None])
@@ -259,8 +290,9 @@ def _same_or_within(impl: Implementation, case: DecodeCase, inputs: DecodeInputs
 
 
 def _pair_ratio(a: torch.Tensor, b: torch.Tensor, bound: torch.Tensor, rows: torch.Tensor) -> float:
-    difference = (a.double().cpu() - b.double().cpu()).abs()
-    same = (a.cpu() == b.cpu()) | (a.cpu().isnan() & b.cpu().isnan())
+    a, b = a.double().cpu(), b.double().cpu()  # exact: the same values (and NaNs) in one type
+    difference = (a - b).abs()
+    same = ~bits_differ(a, b, nan_payload=False)  # NaN against NaN, inf against inf: no difference
     difference = torch.where(same | ~rows.cpu(), 0.0, difference.nan_to_num(nan=float("inf")))
     allowed = 2 * bound.cpu()
     ratio = torch.where(allowed > 0, difference / allowed, torch.where(difference > 0, float("inf"), 0.0))
