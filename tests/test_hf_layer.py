@@ -317,3 +317,46 @@ def test_the_bound_grows_with_the_declared_rounding():
     assert bool((float32_softmax.bound > exact.bound).all())
     all_float32 = layer_error_bound(config, weights, x, InternalPrecision.uniform(F32))
     assert bool((float32_softmax.bound < all_float32.bound).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# What HF cannot run is declared
+# ----------------------------------------------------------------------------------------------
+
+ODD_NOPE, ODD_LATENT = BASE.replace(qk_nope_head_dim=3), BASE.replace(kv_lora_rank=5)
+
+
+@needs_transformers
+def test_v2_in_float32_without_the_declaration_raises_on_an_odd_nope_or_latent_width(monkeypatch):
+    """HF's DeepseekV2 apply_rotary_emb views a float32 slice as complex: an odd offset raises. If
+    this stops failing, HF fixed it and the declaration below can go."""
+    monkeypatch.setattr(hf, "unsupported_dtype", lambda config, version, dtype: None)
+    for config in (ODD_NOPE, ODD_LATENT):
+        with pytest.raises(LayerFailure, match="divisible by 2"):
+            check_layer(_spec("v2-eager"), _case(config).replace(dtype="float32"))
+
+
+@needs_transformers
+def test_v2_declines_float32_with_an_odd_nope_or_latent_width_and_the_certifier_counts_it_declined():
+    from mla_verify import Declined
+    from mla_verify.certify.halves import CaseRefused, half_of
+    from mla_verify.certify.registry import resolve_layer
+
+    for config, odd in ((ODD_NOPE, "qk_nope_head_dim"), (ODD_LATENT, "kv_lora_rank")):
+        for variant in ("v2-eager", "v2-sdpa"):
+            reason = hf.unsupported_dtype(config, "v2", F32)
+            assert reason and odd in reason and "view_as_complex" in reason
+            factory = getattr(hf, f"deepseek_{variant.replace('-', '_')}")
+            assert factory.supports(config) is None  # the config alone is fine: float64, bf16, fp16 run
+            assert factory.supports(config, F32) == reason
+            with pytest.raises(Declined, match=odd):
+                factory(config, _case(config).build()[0], F32)
+        assert hf.unsupported_dtype(config, "v3", F32) is None  # V3 rotates with cos/sin
+        assert all(hf.unsupported_dtype(config, "v2", dtype) is None for dtype in (F64, torch.bfloat16, torch.float16))
+    assert hf.unsupported_dtype(BASE, "v2", F32) is None
+    assert "odd qk_nope_head_dim" in hf.deepseek_v2_eager.capabilities.note
+    impl = resolve_layer("hf-deepseek-v2-eager")
+    half = half_of(impl)
+    with pytest.raises(CaseRefused, match="Declined: HF DeepseekV2 in float32 with an odd qk_nope_head_dim"):
+        half.judge(impl, half.properties(impl)[0], _case(ODD_NOPE).replace(dtype="float32"), "cpu")
+    check_layer(_spec("v2-eager"), _case(ODD_NOPE).replace(dtype="float64"))  # the same config in float64 runs

@@ -50,6 +50,16 @@ latent and the rotated rope key). The query's RoPE is functional code inside the
 not exposed and the query side of RoPE is judged with attention ("rope + attention"), the key side
 on its own ("rope"). V2 with a 'halves' config un-permutes the rope columns of q, k_pe_raw and k_pe. HF's decode runs the naive path over a DynamicCache of expanded K and V,
 so prefill and decode are the same computation (`capabilities.both_paths` is False).
+
+What HF cannot run (declared, so a certification skips it with the reason): DeepseekV2Config
+rejects hidden_size % heads ≠ 0 (`unsupported`, a factory's `supports(config)`); and DeepseekV2's
+apply_rotary_emb views q_pe and k_pe as complex numbers (torch.view_as_complex on
+`xq.float().reshape(..., -1, 2)`), which in a float32 module is a view of the projection's output,
+not a copy: its storage offset (d_n for q_pe, d_c for k_pe) and row strides must be even, so a
+float32 V2 module with an odd qk_nope_head_dim or kv_lora_rank raises "Tensor must have a
+storage_offset divisible by 2" (or "... a stride divisible by 2 ...") on every call. That depends on
+the dtype, which `supports(config)` is not given: the factory raises `mla_verify.Declined` there
+(`unsupported_dtype`), and the certifier counts those cases as declined, with the reason.
 """
 
 from __future__ import annotations
@@ -63,10 +73,12 @@ from torch import nn
 from mla_verify.adapters import LAYER_ADAPTERS, load_module
 from mla_verify.config import MLAConfig, yarn_mscale
 from mla_verify.adapters import MissingDependency
+from mla_verify.decode.contract import Declined
 from mla_verify.layer.contract import InternalPrecision, LayerCapabilities, capture_submodules, natural_accumulation
 from mla_verify.reference import MLAWeights, rope_cos_sin
 
 __all__ = ["HFDeepseekAttention", "hf_config_arguments", "interleave_halves", "hf_weights", "unsupported",
+           "unsupported_dtype",
            "hf_precision", "deepseek_v3_eager", "deepseek_v3_sdpa", "deepseek_v3_sdpa_float64", "deepseek_v2_eager",
            "deepseek_v2_sdpa", "VARIANTS", "CAPABILITIES"]
 
@@ -133,6 +145,21 @@ def unsupported(config: MLAConfig, version: str) -> str | None:
     return None
 
 
+def unsupported_dtype(config: MLAConfig, version: str, dtype: torch.dtype) -> str | None:
+    """Why HF's module of `dtype` cannot run this layer, or None: DeepseekV2's apply_rotary_emb calls
+    torch.view_as_complex on q_pe and k_pe, slices of the projections' outputs at offsets d_n and
+    d_c; `.float()` copies them in any other dtype, but in float32 it returns them as they are, and
+    view_as_complex needs an even storage offset and even strides. (V3 rotates with cos/sin.)"""
+    if version != "v2" or dtype != F32:
+        return None
+    odd = [name for name in ("qk_nope_head_dim", "kv_lora_rank") if getattr(config, name) % 2]
+    if not odd:
+        return None
+    return (f"HF DeepseekV2 in float32 with an odd {' and '.join(odd)}: its apply_rotary_emb calls "
+            "torch.view_as_complex on a float32 slice at an odd offset (RuntimeError: Tensor must have a "
+            "storage_offset divisible by 2)")
+
+
 def interleave_halves(width: int) -> torch.Tensor:
     """Row order [0, w/2, 1, w/2+1, …]: rotating pairs (2j, 2j+1) of the permuted rows is rotating
     pairs (j, j + w/2) of the original ones, so 'halves' weights run in an interleaved-only module."""
@@ -189,6 +216,9 @@ class HFDeepseekAttention:
         reason = unsupported(config, version)
         if reason:
             raise ValueError(reason)
+        reason = unsupported_dtype(config, version, dtype)
+        if reason:
+            raise Declined(reason)
         transformers = _transformers()
         modeling = _modeling(version)
         config_class = transformers.DeepseekV3Config if version == "v3" else transformers.DeepseekV2Config
@@ -332,6 +362,9 @@ VARIANTS = {
 
 CAPABILITIES = LayerCapabilities(devices=("cpu", "cuda"), both_paths=False,
                                  note="decode runs the naive path over HF's DynamicCache of expanded K and V")
+# V2 cannot run float32 with an odd qk_nope_head_dim or kv_lora_rank (`unsupported_dtype`): declined
+V2_CAPABILITIES = CAPABILITIES.replace(note=CAPABILITIES.note + "; float32 with an odd qk_nope_head_dim or "
+                                       "kv_lora_rank is declined (HF's view_as_complex needs even offsets)")
 
 
 def _factory(variant: str):
@@ -346,8 +379,9 @@ def _factory(variant: str):
     build.__doc__ = (f"Layer factory: HF Deepseek{version.upper()}Attention, {implementation}; in a float64 module "
                      f"declares {hf_precision(variant).describe()}.")
     build.precision = hf_precision(variant)  # in a float64 module; hf_precision(variant, dtype) for others
-    build.supports = lambda config: unsupported(config, version)
-    build.capabilities = CAPABILITIES
+    build.supports = lambda config, dtype=None: unsupported(config, version) or (
+        unsupported_dtype(config, version, dtype) if dtype is not None else None)
+    build.capabilities = V2_CAPABILITIES if version == "v2" else CAPABILITIES
     return build
 
 
