@@ -1,9 +1,18 @@
 """The mutant zoo: every bug-injected decode kernel in tests/zoo must be caught by the certifier.
 
 For each kernel, the property expected to catch it runs under the DEFAULT profile with seed 0 and
-must fail with the expected failure kind, shrunk to a small case. The project's torch kernel (and
-the zoo's own template, `zoo.common.correct_decode`) must pass the same properties under the same
-profile and seed: a zoo without a passing control proves nothing.
+must fail with the expected failure kind, shrunk to a small case. The search stops at the first
+round that finds its failures (one round per independent bug, `ZooKernel.distinct`): the
+certifier's confirming round, a full run of the profile's examples that finds nothing new, would
+only count the same failure again. The project's torch kernel (and the zoo's own template,
+`zoo.common.correct_decode`) must pass the same properties with the same seed: a zoo without a
+passing control proves nothing. The controls' profile (CONTROL_PROFILE) is the default's sizes and
+serving-scale share, with its long contexts (to 32k tokens) and multi-token decode, with two
+changes: 50 examples, four times what any mutant needs to be caught (at most 12), and no serving
+batches past the default's max_batch of 4: a batch of ~128 rows × 8 queries × 128 heads over a few
+tokens costs 15-25 s of float64 bounds per case, and a correct kernel's rows are judged one by one.
+properties/decode certifies the torch kernel on the full default profile, large batches included,
+on every test run.
 
 Reproducibility: the example database is switched off and torch runs one intra-op thread while
 this module runs (both restored afterwards), so the examples-to-catch are the same on every run.
@@ -20,16 +29,18 @@ import pytest
 import torch
 from hypothesis import settings
 
-from mla_verify.certify import PropertyReport, run_property
+from mla_verify.certify import PropertyReport, run_property, runner
 from mla_verify.decode.checks import CaseFailure, FailureKind, Implementation
 from mla_verify.decode.properties import property_named
-from mla_verify.certify.profiles import PROFILES
+from mla_verify.certify.profiles import PROFILES, Profile
 from mla_verify.certify.registry import resolve
 from mla_verify.decode.case import DecodeCase
 
 import zoo
 
 PROFILE = PROFILES["default"]
+CONTROL_PROFILE = dataclasses.replace(PROFILE, max_examples=50, limits=dataclasses.replace(
+    PROFILE.limits, serving_batch=PROFILE.limits.max_batch))
 SEED = 0
 CONTROL_PROPERTIES = sorted({kernel.prop for kernel in zoo.ZOO})
 
@@ -64,8 +75,10 @@ def reproducible(request):
     _print_summary(request.config)
 
 
-def _run(impl: Implementation, prop_name: str) -> Run:
-    """run_property with the default profile and seed 0, counting the examples until the first failure."""
+def _run(impl: Implementation, prop_name: str, rounds: int = runner.MAX_SEARCH_ROUNDS,
+         profile: Profile = PROFILE) -> Run:
+    """run_property with the profile and seed 0 (at most `rounds` search rounds), counting the examples
+    until the first failure."""
     key = f"{impl.spec}/{prop_name}"
     if key in _runs:
         return _runs[key]
@@ -82,7 +95,9 @@ def _run(impl: Implementation, prop_name: str) -> Run:
             raise
 
     started = time.perf_counter()
-    report = run_property(impl, dataclasses.replace(prop, check=counting), PROFILE, seed=SEED)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "MAX_SEARCH_ROUNDS", rounds)
+        report = run_property(impl, dataclasses.replace(prop, check=counting), profile, seed=SEED)
     _runs[key] = Run(report, first[0] if first else None, time.perf_counter() - started)
     return _runs[key]
 
@@ -110,9 +125,15 @@ def test_zoo_is_large_and_documented():
         assert kernel.kinds and all(isinstance(kind, FailureKind) for kind in kernel.kinds)
 
 
+def _mutant_run(kernel: zoo.ZooKernel) -> Run:
+    """The search for a mutant's bugs: a round for each of its `distinct` bugs (each round that finds
+    a new failure is followed by one more; a mutant's last round has nothing left to find)."""
+    return _run(zoo.implementation(kernel.fn), kernel.prop, rounds=kernel.distinct)
+
+
 @pytest.mark.parametrize("kernel", zoo.ZOO, ids=lambda kernel: kernel.name)
 def test_mutant_is_caught(kernel):
-    run = _run(zoo.implementation(kernel.fn), kernel.prop)
+    run = _mutant_run(kernel)
     report = run.report
     assert report.verdict == "fail", (
         f"{kernel.name} was NOT caught by {kernel.prop} in {report.examples} examples "
@@ -144,7 +165,7 @@ def test_head_tail_shrinks_to_the_first_partial_group():
     """The head-tail bug needs only h = 17 (one head past a full group of 16); it once shrank only to
     63, until 17 joined the special head counts."""
     kernel = next(k for k in zoo.ZOO if k.fn is zoo.heads.head_tail_dropped)
-    run = _run(zoo.implementation(kernel.fn), kernel.prop)
+    run = _mutant_run(kernel)
     assert run.report.verdict == "fail"
     assert run.cases and all(case.heads == 17 for case in run.cases), [case.describe() for case in run.cases]
 
@@ -173,9 +194,9 @@ def test_control_passes(control, prop_name):
     impl = CONTROLS[control]()
     if not property_named(prop_name).applies(impl):
         pytest.skip(f"{prop_name} does not apply to {control} (it declares no sparse decode or quantiser)")
-    report = _run(impl, prop_name).report
+    report = _run(impl, prop_name, profile=CONTROL_PROFILE).report
     assert report.verdict == "pass", f"control {control} fails {prop_name}: {report.failures}"
-    assert report.examples >= PROFILE.max_examples
+    assert report.examples >= CONTROL_PROFILE.max_examples
 
 
 def _print_summary(config) -> None:
@@ -192,7 +213,8 @@ def _print_summary(config) -> None:
 
 def _write_summary(reporter) -> None:
     reporter.write_line("")
-    reporter.write_line(f"mutant zoo: profile {PROFILE.name}, seed {SEED}")
+    reporter.write_line(f"mutant zoo: profile {PROFILE.name} (controls: {CONTROL_PROFILE.max_examples} examples, "
+                        f"serving-scale batches to {CONTROL_PROFILE.limits.serving_batch}), seed {SEED}")
     reporter.write_line(f"{'implementation/property':48} {'verdict':7} {'kind':36} {'1st fail':>8} "
                         f"{'examples':>8} {'seconds':>7}  shrunk case (or max error/bound of a pass)")
     total = 0.0
