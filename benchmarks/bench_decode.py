@@ -1,7 +1,7 @@
-"""GPU check and benchmark of the Triton MLA decode kernel against the PyTorch baseline.
+"""GPU check and benchmark of the Triton MLA decode kernels (scheduled_decode, beside the fixed-split
+triton_decode it replaces) against the PyTorch baseline and the peers.
 
-    PYTHONPATH=. python3 benchmarks/bench_decode.py [--check] [--sweep] [--no-bench] [--baseline FILE]
-                                                    [--no-peers] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/bench_decode.py [--check] [--sweep] [--no-bench] [--no-peers] [--out DIR]
 
 --check   correctness on the GPU: bf16/fp16/fp32 cases (widths 576/512, 288/256 and small ones,
           heads 1..128, s_q 1..8, pages 1..256, causal, strided cache, NaN-poisoned unused slots,
@@ -15,8 +15,8 @@ default   the benchmark table: DeepSeek-V3 absorbed decode (d=576, head_dim_v=51
             graph µs   GPU time per call under CUDA-graph replay (input copies rotated when one set
                        would sit in L2): the GB/s, TFLOP/s and fractions use it;
             eager µs   launch_decode with the plan made ahead, triton.testing.do_bench median;
-            previous   --baseline FILE: an earlier triton_decode.py, same replay, speed-up = its
-                       time / ours;
+            fixed-split the registered `triton` kernel (triton_decode: fixed splits, host-made
+                       plan), same replay, speed-up = its time / the scheduled kernel's;
             peers      vLLM's Triton MLA decode (its backend's call: s_q tokens as rows, 4 KV splits)
                        and FlashMLA's dense decode (metadata made ahead) when importable, same
                        replay, (their time / ours);
@@ -42,6 +42,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mla_verify.impls.torch_decode import torch_paged_decode  # noqa: E402
+from mla_verify.kernels import scheduled_decode as sd  # noqa: E402
 from mla_verify.kernels import triton_decode as td  # noqa: E402
 
 D, DV, PAGE = 576, 512, 64
@@ -204,16 +205,16 @@ def bench_shape(h: int, b: int, length: int, s_q: int, varlen: bool, copy_gbs: f
     causal = s_q > 1
     q, cache, table, lengths = make_inputs(b, s_q, h, length, varlen, seed=1234)
     args = (q, cache, table, lengths, DV, SCALE, causal)
-    out, _ = td.triton_paged_decode(*args)
+    out, _ = sd.scheduled_paged_decode(*args)
     ref_out, _ = torch_paged_decode(*args)
     rel = float((out.float() - ref_out.float()).norm() / ref_out.float().norm())
     del ref_out
     torch.cuda.empty_cache()
     nbytes, flop = traffic(q, lengths, h, s_q)
     row = dict(h=h, b=b, L=length, s_q=s_q, varlen=varlen, rel=rel,
-               parts=td.plan_decode(q, cache, lengths, DV).num_parts)
-    row["ms"] = _bench(prepare_triton(td, q, cache, table, lengths, causal))
-    row["graph"] = graph_ms(lambda *a: prepare_triton(td, *a), b, s_q, h, length, varlen, causal)
+               parts=sd.plan_decode(q, cache, lengths, DV).num_parts)
+    row["ms"] = _bench(prepare_triton(sd, q, cache, table, lengths, causal))
+    row["graph"] = graph_ms(lambda *a: prepare_triton(sd, *a), b, s_q, h, length, varlen, causal)
     row["gbs"] = nbytes / row["graph"] / 1e6
     row["tflops"] = flop / row["graph"] / 1e9
     row["bw_frac"], row["mm_frac"] = row["gbs"] / copy_gbs, row["tflops"] / matmul_tflops
@@ -225,14 +226,14 @@ def bench_shape(h: int, b: int, length: int, s_q: int, varlen: bool, copy_gbs: f
         except Exception as error:  # noqa: BLE001 - a peer refusing a shape is recorded, not fatal
             print(f"  {name} failed on this shape: {type(error).__name__}: {str(error)[:120]}", flush=True)
             row[name] = None
-    row["api_ms"] = _bench(lambda: td.triton_paged_decode(*args))
+    row["api_ms"] = _bench(lambda: sd.scheduled_paged_decode(*args))
     row["torch_ms"] = _bench(lambda: torch_paged_decode(*args), warmup=3, rep=30)
     torch.cuda.empty_cache()
     return row
 
 
 def _header(peers: dict, baseline: bool) -> str:
-    extra = (["previous version graph µs", "speed-up"] if baseline else []) + [f"{p} graph µs" for p in peers]
+    extra = (["fixed-split `triton` graph µs", "speed-up"] if baseline else []) + [f"{p} graph µs" for p in peers]
     return ("| h | b | L | s_q | lengths | graph µs | eager kernel µs | GB/s | TFLOP/s | % copy BW | % matmul | "
             + " | ".join(extra + ["API ms", "torch API ms", "parts", "rel err vs torch"]) + " |")
 
@@ -274,7 +275,7 @@ def sweep() -> None:
                 groups = triton.cdiv(s_q * h, config.block_m if config else 64)
                 parts = max(1, waves * resident * sms // groups)
                 try:
-                    prepare = lambda *a, c=config, p=parts: prepare_triton(td, *a, num_parts=p, config=c)  # noqa: E731
+                    prepare = lambda *a, c=config, p=parts: prepare_triton(sd, *a, num_parts=p, config=c)  # noqa: E731
                     ms = graph_ms(prepare, b, s_q, h, length, False, causal)
                     results.append(f"{waves} waves ({parts} parts) {1e3 * ms:7.1f} µs")
                 except Exception as error:  # noqa: BLE001 - out of shared memory etc.: report and go on
@@ -285,11 +286,11 @@ def sweep() -> None:
     print("\nsweep h=16 b=1 L=16384 s_q=1: min part size", flush=True)
     config = td.decode_config(torch.bfloat16, 16, D, DV)
     for min_tokens in (32, 64, 128, 256):
-        plan = td.DecodePlan(config, WAVES_B1 * config.resident_per_sm * sms,
-                             td._overhead_units(config) + triton.cdiv(min_tokens, config.block_n))
+        plan = sd.DecodePlan(config, WAVES_B1 * config.resident_per_sm * sms,
+                             sd._overhead_units(config) + triton.cdiv(min_tokens, config.block_n))
 
         def prepare(q, c, t, lens, causal, plan=plan):
-            return lambda: td.launch_decode(q, c, t, lens, DV, SCALE, causal, plan)
+            return lambda: sd.launch_decode(q, c, t, lens, DV, SCALE, causal, plan)
 
         ms = graph_ms(prepare, 1, 1, 16, 16384, False, False)
         print(f"  min {min_tokens} keys: {1e3 * ms:.1f} µs", flush=True)
@@ -333,12 +334,12 @@ def check_cases():
     return cases
 
 
-def check(quick: bool = False) -> bool:
+def check(fn, quick: bool = False) -> bool:
     from mla_verify.decode.inputs import build_inputs
     from mla_verify.decode.checks import CaseFailure, Implementation, call_kernel, compare, expected_for
 
-    impl = Implementation(name="triton", spec="mla_verify.kernels.triton_decode:triton_paged_decode",
-                          fn=td.triton_paged_decode, capabilities=td.CAPABILITIES)
+    impl = Implementation(name=fn.__name__, spec=f"{fn.__module__}:{fn.__name__}", fn=fn,
+                          capabilities=td.CAPABILITIES)
     worst, failures = 0.0, 0
     started = time.perf_counter()
     cases = check_cases()
@@ -367,36 +368,28 @@ def check(quick: bool = False) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 
-def load_baseline(path: str):
-    """A previous version of triton_decode.py, loaded as its own module (same launch API)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("baseline_triton_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="GPU correctness cases first")
     parser.add_argument("--quick-check", action="store_true", help="only a few bf16 d=576 check cases")
     parser.add_argument("--sweep", action="store_true", help="time candidate configs and part counts")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
-    parser.add_argument("--baseline", help="a previous triton_decode.py to time beside the current one")
     parser.add_argument("--no-peers", action="store_true", help="leave out vLLM and FlashMLA even if importable")
     parser.add_argument("--out", default=".", help="folder for decode_bench.md")
     args = parser.parse_args()
     name = torch.cuda.get_device_name()
     print(f"card: {name}; {torch.cuda.get_device_properties(0).multi_processor_count} SMs; torch {torch.__version__}; "
           f"triton {triton.__version__}", flush=True)
-    ok = check(quick=args.quick_check) if args.check or args.quick_check else True
+    ok = True
+    if args.check or args.quick_check:
+        for fn in (td.triton_paged_decode, sd.scheduled_paged_decode):
+            print(f"check {fn.__module__}:", flush=True)
+            ok = check(fn, quick=args.quick_check) and ok
     if args.sweep:
         sweep()
     if args.no_bench:
         sys.exit(0 if ok else 1)
-    baseline = load_baseline(args.baseline) if args.baseline else None
+    baseline = td  # the fixed-split kernel the scheduled one replaces
     peers = {} if args.no_peers else available_peers()
     copy_gbs, matmul_tflops = device_ceilings()
     print(f"ceilings: copy {copy_gbs:.0f} GB/s (read + write), bf16 matmul 8192³ {matmul_tflops:.0f} TFLOP/s",

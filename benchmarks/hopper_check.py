@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 benchmarks/hopper_check.py [--out DIR] [--no-bench] [--quick]
 
 1. Resources: the kernel compiled for this GPU (registers, spills, shared memory).
-2. Correctness: triton_decode's launch with the Hopper split kernel (its schedule and merge) against
+2. Correctness: scheduled_decode's launch with the Hopper split kernel (its schedule and merge) against
    mla_verify's float64 reference (paged_decode_reference), beside the project's tl kernel on the same
    inputs. Cases: h 64
    and 128, s_q 1 and 2 (s_q 2 causal), b 1..8, lengths 0, 1, 63, 64, 65, 1000, ... varied per
@@ -32,6 +32,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mla_verify.kernels import hopper_decode as hd  # noqa: E402
+from mla_verify.kernels import scheduled_decode as sd  # noqa: E402
 from mla_verify.kernels import triton_decode as td  # noqa: E402
 from mla_verify.reference import paged_decode_reference  # noqa: E402
 
@@ -74,17 +75,17 @@ def make_inputs(gen, b, s_q, h, lengths, dtype, page=PAGE, spare_pages=3, poison
 
 
 def hopper_run(q, cache, table, seqlens, causal, num_parts=None):
-    """The decode through triton_decode's launch with the Hopper split kernel (its plan must pick it)."""
-    plan = td.plan_decode(q, cache, seqlens, DV, num_parts=num_parts)
+    """The decode through scheduled_decode's launch with the Hopper split kernel (its plan must pick it)."""
+    plan = sd.plan_decode(q, cache, seqlens, DV, num_parts=num_parts)
     assert plan.hopper, "the plan did not pick the Hopper kernel for a case it supports"
-    return td.launch_decode(q, cache, table, seqlens, DV, SCALE, causal, plan)
+    return sd.launch_decode(q, cache, table, seqlens, DV, SCALE, causal, plan)
 
 
 def tl_run(q, cache, table, seqlens, causal):
     """The same launch with the portable tl split kernel (a config given: the plan keeps the tl path)."""
     config = td.decode_config(q.dtype, q.shape[1] * q.shape[2], D, DV)
-    plan = td.plan_decode(q, cache, seqlens, DV, config=config)
-    return lambda: td.launch_decode(q, cache, table, seqlens, DV, SCALE, causal, plan), plan
+    plan = sd.plan_decode(q, cache, seqlens, DV, config=config)
+    return lambda: sd.launch_decode(q, cache, table, seqlens, DV, SCALE, causal, plan), plan
 
 
 def compare(out, lse, ref_out, ref_lse):
@@ -182,8 +183,7 @@ def bench(args, results):
             q, cache, table, seqlens = make_inputs(gen, b, s_q, h, [L] * b, torch.bfloat16, spare_pages=0,
                                                    poison=False)
             flop = 2 * s_q * b * L * h * (D + DV)
-            sms = torch.cuda.get_device_properties(0).multi_processor_count
-            default = td.plan_decode(q, cache, seqlens, DV).num_parts
+            default = sd.plan_decode(q, cache, seqlens, DV).num_parts
             try:
                 fn, plan = tl_run(q, cache, table, seqlens, causal)
                 t_tl = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")

@@ -125,7 +125,7 @@ def _check_declared_device(impl, device: str) -> None:
     # a declared device list is a claim; a bare function's default ('cpu') is only a guess
     if declares_capabilities(impl.fn) and device.split(":")[0] not in impl.capabilities.devices:
         hint = (" (Triton's interpreter runs it on the CPU: set TRITON_INTERPRET=1)"
-                if impl.name == "triton" and device == "cpu" else "")
+                if impl.name in ("triton", "triton-scheduled") and device == "cpu" else "")
         raise UsageError(f"'{impl.name}' declares devices {list(impl.capabilities.devices)}; pass --device "
                          f"{impl.capabilities.devices[0]}{hint}")
 

@@ -1,4 +1,6 @@
-"""The Triton decode kernel (mla_verify.kernels.triton_decode) on the CPU, through Triton's interpreter.
+"""The Triton decode kernels on the CPU, through Triton's interpreter: mla_verify.kernels.triton_decode
+(fixed splits) and mla_verify.kernels.scheduled_decode (the same inner loop on a device-made schedule),
+each case run through both.
 
 Triton reads TRITON_INTERPRET when a kernel is defined, so whichever module imported triton or the
 kernel first would decide the mode for the whole pytest process. The kernel cases therefore run in
@@ -17,7 +19,8 @@ inputs, an upstream interpreter bug), so those cases are skipped with that reaso
 on a GPU (benchmarks/bench_decode.py --check). Triton missing is a failure, not a skip: CI
 installs it (`pip install -e .[triton]`).
 
-Repro of one case: TRITON_INTERPRET=1 python tests/test_triton_kernel.py --case ID
+Repro of one case: TRITON_INTERPRET=1 python tests/test_triton_kernel.py --case KERNEL:ID (KERNEL is
+triton or scheduled)
 """
 
 from __future__ import annotations
@@ -45,14 +48,15 @@ BF16_SKIP = ("bfloat16 tl.dot is broken in Triton's CPU interpreter (returns val
 
 @dataclass(frozen=True)
 class KernelCase:
-    """A decode case plus how to launch it: num_parts None = the kernel's own plan, otherwise the
-    plan's work cut into that many parts (with no minimum part size, so short rows split); config
+    """A decode case plus how to launch it: num_splits None = the kernel's own plan (the scheduled
+    kernel: num_splits given = its work cut into SCHEDULED_PARTS parts with no minimum size, so every
+    tile of these small cases is a piece of its own and the merge combines many); config
     'test' = the fixed small tile (block_m 16, block_n 16) for reproducibility, 'heuristic' = the
     kernel's shape heuristic (larger tiles)."""
 
     id: str
     case: DecodeCase
-    num_parts: int | None = None
+    num_splits: int | None = None
     config: str = "test"
 
 
@@ -73,26 +77,26 @@ def _cases() -> list[KernelCase]:
             KernelCase(f"{t}-edges-p16", _case(dtype, b=5, h=3, page=16, lengths=(0, 1, 15, 16, 17))),
             # causal s_q = 3 over the same edges: early queries of short rows see nothing
             KernelCase(f"{t}-edges-causal-sq3", _case(dtype, b=5, s_q=3, h=3, page=16, lengths=(0, 1, 15, 16, 17),
-                                                      causal=True), num_parts=25),
+                                                      causal=True), num_splits=2),
             # page 32, one head, causal s_q = 2, strided cache view
             KernelCase(f"{t}-p32-h1-causal-strided", _case(dtype, b=3, s_q=2, h=1, widths=(80, 64), page=32,
                                                           lengths=(31, 32, 33), causal=True, strided=True)),
             # 16 heads (one full group), more splits than tiles in the short row: empty splits merge
             KernelCase(f"{t}-h16-empty-splits", _case(dtype, b=2, h=16, widths=(80, 64), lengths=(40, 3)),
-                       num_parts=12),
+                       num_splits=4),
             # 17 heads: a second, nearly empty row group; causal s_q = 2 folded into rows
             KernelCase(f"{t}-h17-causal-sq2", _case(dtype, b=2, s_q=2, h=17, lengths=(33, 16), causal=True),
-                       num_parts=6),
+                       num_splits=3),
             # every row empty: out 0, lse -inf, with and without splits
             KernelCase(f"{t}-all-empty", _case(dtype, b=2, h=3, lengths=(0, 0))),
-            KernelCase(f"{t}-all-empty-splits", _case(dtype, b=2, h=3, lengths=(0, 0)), num_parts=3),
+            KernelCase(f"{t}-all-empty-splits", _case(dtype, b=2, h=3, lengths=(0, 0)), num_splits=3),
         ]
     cases += [
         # the kernel's own tile heuristic (block_m 16..64, block_n 16..64)
         KernelCase("fp32-heuristic-h9-varlen", _case("float32", b=4, s_q=2, h=9, lengths=(5, 50, 0, 33), causal=True,
                                                      strided=True), config="heuristic"),
         KernelCase("fp16-heuristic-h40-sq2", _case("float16", b=2, s_q=2, h=40, widths=(80, 64),
-                                                   lengths=(70, 129)), config="heuristic", num_parts=2),
+                                                   lengths=(70, 129)), config="heuristic", num_splits=2),
         # odd widths (padded to powers of two with masks), latent-only rows (d = head_dim_v)
         KernelCase("fp32-widths-40-32", _case("float32", b=2, h=3, widths=(40, 32), lengths=(20, 9))),
         KernelCase("fp32-widths-24-8", _case("float32", b=2, h=3, widths=(24, 8), lengths=(20, 9))),
@@ -100,14 +104,14 @@ def _cases() -> list[KernelCase]:
                                               causal=True, strided=True)),
         KernelCase("fp32-widths-32-32", _case("float32", b=2, h=2, widths=(32, 32), lengths=(20, 9))),
         # pages that are not powers of two, and page 1
-        KernelCase("fp32-page7", _case("float32", b=2, h=3, page=7, lengths=(20, 6)), num_parts=11),
+        KernelCase("fp32-page7", _case("float32", b=2, h=3, page=7, lengths=(20, 6)), num_splits=2),
         KernelCase("fp16-page1", _case("float16", b=2, h=3, page=1, lengths=(5, 1), causal=True, s_q=2)),
         # value regimes of the suite: extreme logits (±300), large values, tiny values, constant keys
         KernelCase("fp32-extreme-positive", _case("float32", b=2, h=3, lengths=(40, 17), regime="extreme_positive",
-                                                  scale="deepseek_v3"), num_parts=13),
+                                                  scale="deepseek_v3"), num_splits=2),
         KernelCase("fp32-extreme-negative", _case("float32", b=2, h=3, lengths=(40, 17),
-                                                  regime="extreme_negative"), num_parts=13),
-        KernelCase("fp16-large", _case("float16", b=2, h=3, lengths=(40, 17), regime="large"), num_parts=9),
+                                                  regime="extreme_negative"), num_splits=2),
+        KernelCase("fp16-large", _case("float16", b=2, h=3, lengths=(40, 17), regime="large"), num_splits=2),
         KernelCase("fp16-tiny", _case("float16", b=2, h=3, lengths=(40, 17), regime="tiny", scale="one")),
         KernelCase("fp16-constant-keys", _case("float16", b=2, h=3, lengths=(40, 17), regime="constant_keys")),
         # s_q = 8 (the declared maximum), causal
@@ -117,20 +121,20 @@ def _cases() -> list[KernelCase]:
     fp8 = dict(widths=(48, 32), page=4, lengths=(5, 19), strided=True)
     cases += [
         KernelCase("fp32-fp8-ds-mla-causal", _fp8(_case("float32", b=2, s_q=2, h=3, causal=True, **fp8), "fp8_ds_mla"),
-                   num_parts=11),
+                   num_splits=3),
         KernelCase("fp16-fp8-ds-mla-two-groups", _fp8(_case("float16", b=2, h=17, widths=(288, 256), lengths=(9, 3)),
                                                       "fp8_ds_mla", sink="finite")),
         KernelCase("fp16-fp8-e4m3-sink", _fp8(_case("float16", b=2, s_q=2, h=3, causal=True, **fp8), "fp8_e4m3",
-                                              sink="infinite"), num_parts=2),
+                                              sink="infinite"), num_splits=2),
         KernelCase("fp32-sparse-invalid-splits", _fp8(_case("float32", b=2, s_q=2, h=3, causal=True, **fp8), "native",
-                                                      topk=21, pattern="with_invalid"), num_parts=24),
+                                                      topk=21, pattern="with_invalid"), num_splits=3),
         KernelCase("fp16-sparse-fp8-duplicates", _fp8(_case("float16", b=2, s_q=3, h=17, causal=True, **fp8),
                                                       "fp8_ds_mla", topk=18, pattern="duplicates", sink="finite"),
-                   num_parts=36),
+                   num_splits=2),
         KernelCase("fp16-sparse-e4m3-last-slot", _fp8(_case("float16", b=2, h=3, **fp8), "fp8_e4m3", topk=7,
                                                       pattern="last_slot")),
         KernelCase("fp32-sparse-all-invalid", _fp8(_case("float32", b=2, h=3, **fp8), "native", topk=5,
-                                                   pattern="all_invalid"), num_parts=10),
+                                                   pattern="all_invalid"), num_splits=2),
     ]
     return cases
 
@@ -140,23 +144,29 @@ def _fp8(case: DecodeCase, kv_format: str, topk: int = 0, pattern: str = "subset
 
 
 CASES = {kc.id: kc for kc in _cases()}
+KERNELS = ("triton", "scheduled")
+SCHEDULED_PARTS = 64
 
 
 # ----------------------------------------------------------------------------------------------
 # Worker: runs in a subprocess with TRITON_INTERPRET=1
 # ----------------------------------------------------------------------------------------------
 
-def _judge(kc: KernelCase) -> dict:
+def _judge(kc: KernelCase, kernel: str = "triton") -> dict:
     """Run one case through the interpreter; returns {"ok", "message", "sound", "sharp", "seconds"}."""
     import functools
 
     from mla_verify.decode.inputs import build_inputs
     from mla_verify.decode.checks import CaseFailure, Implementation, call_kernel, compare, expected_for
+    from mla_verify.kernels import scheduled_decode as sd
     from mla_verify.kernels import triton_decode as td
 
     config = td.DecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1) if kc.config == "test" else None
-    fn = functools.partial(td.paged_decode, num_parts=kc.num_parts, config=config)
-    impl = Implementation(name="triton", spec="mla_verify.kernels.triton_decode:triton_paged_decode", fn=fn,
+    if kernel == "triton":
+        fn = functools.partial(td.paged_decode, num_splits=kc.num_splits, config=config)
+    else:
+        fn = functools.partial(sd.paged_decode, num_parts=SCHEDULED_PARTS if kc.num_splits else None, config=config)
+    impl = Implementation(name=kernel, spec=f"mla_verify.kernels.{kernel}_decode", fn=fn,
                           capabilities=td.CAPABILITIES.replace(devices=("cpu",)))
     started = time.perf_counter()
     try:
@@ -190,7 +200,7 @@ def _worker(ids: list[str]) -> dict:
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; run this file as a script")
     if ids == ["schedules"]:
         return _schedules()
-    return {case_id: _judge(CASES[case_id]) for case_id in ids}
+    return {key: _judge(CASES[key.split(":", 1)[1]], key.split(":", 1)[0]) for key in ids}
 
 
 def _run_worker(ids: list[str], timeout: float = WORKER_TIMEOUT_S) -> dict:
@@ -214,7 +224,8 @@ def test_triton_is_importable():
         pytest.fail(f"triton is not importable ({error}); CI installs it: pip install -e '.[triton]'")
 
 
-RUNNABLE = [case_id for case_id, kc in CASES.items() if kc.case.dtype != "bfloat16"]
+RUNNABLE = [f"{kernel}:{case_id}" for kernel in KERNELS for case_id, kc in CASES.items()
+            if kc.case.dtype != "bfloat16"]
 
 
 @pytest.fixture(scope="module")
@@ -222,15 +233,15 @@ def verdicts() -> dict:
     return _run_worker(RUNNABLE)
 
 
-@pytest.mark.parametrize("case_id", [
-    pytest.param(case_id, marks=pytest.mark.skip(reason=BF16_SKIP)) if kc.case.dtype == "bfloat16" else case_id
-    for case_id, kc in CASES.items()])
-def test_interpreted_kernel_matches_reference(verdicts, case_id):
-    verdict = verdicts[case_id]
-    kc = CASES[case_id]
-    assert verdict["ok"], (f"{verdict['message']}\n  case: {kc.case.describe()} num_parts={kc.num_parts} "
+@pytest.mark.parametrize("key", [
+    pytest.param(f"{kernel}:{case_id}", marks=pytest.mark.skip(reason=BF16_SKIP)) if kc.case.dtype == "bfloat16"
+    else f"{kernel}:{case_id}" for kernel in KERNELS for case_id, kc in CASES.items()])
+def test_interpreted_kernel_matches_reference(verdicts, key):
+    verdict = verdicts[key]
+    kc = CASES[key.split(":", 1)[1]]
+    assert verdict["ok"], (f"{verdict['message']}\n  case: {kc.case.describe()} num_splits={kc.num_splits} "
                            f"config={kc.config}\n  repro: TRITON_INTERPRET=1 python tests/test_triton_kernel.py "
-                           f"--case {case_id}")
+                           f"--case {key}")
 
 
 def test_declared_capabilities():
@@ -247,10 +258,30 @@ def test_declared_capabilities():
     assert caps.attn_sink and caps.dequant_dtype is None  # FP8 values rounded to q's dtype for the dots
     # every page size and width the cases above exercise is inside the declaration
     assert all(caps.supports_page(kc.case.page_size) for kc in CASES.values())
+    # the scheduled kernel runs the same inner loop: it declares the same
+    from mla_verify.kernels.scheduled_decode import scheduled_paged_decode
+    assert capabilities_of(scheduled_paged_decode) == caps
 
 
-def test_plan_reads_no_tensor_and_fills_one_wave():
-    from mla_verify.kernels.triton_decode import INTERPRETER_SM_COUNT, plan_decode
+def test_split_plan_follows_batch_and_length():
+    from mla_verify.kernels.triton_decode import INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, plan_decode
+
+    def plan(b: int, h: int, length: int):
+        q = torch.empty(b, 1, h, 576, dtype=torch.bfloat16)
+        return plan_decode(q, torch.empty(1, 64, 1, 576, dtype=torch.bfloat16),
+                           torch.full((b,), length, dtype=torch.int32), 512)
+
+    one = plan(1, 16, 16384)  # CPU tensors: the interpreter's assumed multiprocessor count
+    assert one.num_splits == one.config.waves * one.config.resident_per_sm * INTERPRETER_SM_COUNT
+    assert plan(1, 16, 100).num_splits == 1  # below MIN_SPLIT_TOKENS: one split
+    assert plan(1, 16, 3 * MIN_SPLIT_TOKENS).num_splits == 3
+    assert plan(128, 128, 16384).num_splits == 1
+    assert plan(2, 16, 0).num_splits == 1
+
+
+def test_scheduled_plan_reads_no_tensor():
+    from mla_verify.kernels.scheduled_decode import WAVES, plan_decode
+    from mla_verify.kernels.triton_decode import INTERPRETER_SM_COUNT
 
     def plan(b: int, h: int, s_q: int = 1):
         q = torch.empty(b, s_q, h, 576, dtype=torch.bfloat16)
@@ -258,9 +289,9 @@ def test_plan_reads_no_tensor_and_fills_one_wave():
         return plan_decode(q, torch.empty(1, 64, 1, 576, dtype=torch.bfloat16), lengths, 512)
 
     one = plan(1, 16)  # CPU tensors: the interpreter's assumed multiprocessor count
-    assert one.num_parts == one.config.waves * one.config.resident_per_sm * INTERPRETER_SM_COUNT
+    assert one.num_parts == WAVES * one.config.resident_per_sm * INTERPRETER_SM_COUNT
     wide = plan(128, 128, s_q=2)  # 256 rows: four 64-row groups share the wave
-    assert wide.num_parts == max(1, wide.config.waves * wide.config.resident_per_sm * INTERPRETER_SM_COUNT // 4)
+    assert wide.num_parts == max(1, WAVES * wide.config.resident_per_sm * INTERPRETER_SM_COUNT // 4)
 
 
 # (lengths, num_parts, min_part_units or None for the plan's own) → what the schedule must satisfy
@@ -277,20 +308,21 @@ SCHEDULES = {
 
 def _schedules() -> dict:
     """Worker side: the device schedule of each SCHEDULES entry (bf16 16-row config, block_n 32)."""
+    from mla_verify.kernels import scheduled_decode as sd
     from mla_verify.kernels import triton_decode as td
 
     config = td.decode_config(torch.bfloat16, 16, 576, 512)
     found = {}
     for name, (lengths, parts, min_units) in SCHEDULES.items():
-        plan = td.DecodePlan(config=config, num_parts=parts,
-                             min_part_units=min_units or td.plan_decode(
+        plan = sd.DecodePlan(config=config, num_parts=parts,
+                             min_part_units=min_units or sd.plan_decode(
                                  torch.empty(1, 1, 16, 576, dtype=torch.bfloat16), torch.empty(0),
                                  torch.empty(0), 512).min_part_units)
-        start, splits, slot, first_part, totals = td.schedule_decode(
+        start, splits, slot, first_part, totals = sd.schedule_decode(
             torch.tensor(lengths, dtype=torch.int32), len(lengths), plan)
         found[name] = {"start": start.tolist(), "splits": splits.tolist(), "slot": slot.tolist(),
                        "first_part": first_part.tolist(), "totals": totals.tolist(), "block_n": config.block_n,
-                       "overhead": td._overhead_units(config), "min_part_units": plan.min_part_units}
+                       "overhead": sd._overhead_units(config), "min_part_units": plan.min_part_units}
     return found
 
 

@@ -4,7 +4,7 @@ The portable kernel (mla_verify.kernels.triton_decode) is plain `tl` code; on an
 third of the bf16 matmul rate when many query rows share each cache tile (h·s_q ≥ 64), because its
 [64, 512] fp32 accumulator spills at one program per SM and the three stages of a tile (Q·Kᵀ, softmax,
 P·V) run strictly one after the other. This module replaces that kernel's split kernel in exactly that
-case; triton_decode's `launch_decode` picks it when `supports` says so, with the same device schedule
+case; scheduled_decode's `launch_decode` picks it when `supports` says so, with the same device schedule
 (one program per piece: 64 query rows × one key range of one sequence) and the same merge:
 
     supports(q, kv_cache, head_dim_v, ...) -> bool        may this path run these inputs?
@@ -14,7 +14,7 @@ case; triton_decode's `launch_decode` picks it when `supports` says so, with the
 
 What one program does (read `_hopper_split_kernel` top to bottom):
 
-  0. Find its piece in the schedule (rows fold s_q·h_q as in triton_decode: row r = query r // h_q,
+  0. Find its piece in the schedule (rows fold s_q·h_q as in scheduled_decode: row r = query r // h_q,
      head r % h_q): the sequence, the part, hence the key range [start, end).
   1. Stage Q: the program's 64 rows of q (latent 512 + rope 64 columns) are loaded once and kept in
      shared memory for the whole key range (72 KB), in the swizzled layout the tensor cores read.
@@ -41,7 +41,7 @@ What one program does (read `_hopper_split_kernel` top to bottom):
      waiting per 64-column chunk of K. No producer warp (gl.warp_specialize) either.
   7. Epilogue: O / l and lse; the final out (q's dtype) and lse (natural log, [b, h, s_q]) when the
      piece is its sequence's only one, else the float32 normalised partial output and base-2 lse
-     (−inf for no key) in the piece's slot, for triton_decode's merge.
+     (−inf for no key) in the piece's slot, for scheduled_decode's merge.
 
 Masking and poison: TMA always copies whole 64-row tiles, so a range whose end is not a multiple of 64
 reads slots past the sequence's length (data of no one, possibly NaN or Inf). Their scores become −inf
@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -180,7 +179,7 @@ def _hopper_split_kernel(
     qk_smem_layout: gl.constexpr = lat_desc.layout  # 128-byte swizzle, what TMA writes and wgmma reads
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
 
-    # -- which rows, which keys: piece `piece` of triton_decode's device schedule -----------------------
+    # -- which rows, which keys: piece `piece` of scheduled_decode's device schedule --------------------
     pid_m = gl.program_id(0)  # row group (fastest: groups sharing cache tiles run side by side)
     piece = gl.program_id(1)  # the grid has room for the most pieces there can be; the rest idle
     active = piece < gl.load(Totals + 2)
@@ -307,7 +306,7 @@ def _hopper_split_kernel(
         gl.store(gl.expand_dims(out_row, 1) + cols_o, o.to(Out.dtype.element_ty), mask=ok_o)
         lse_ptr = Lse + pid_b * stride_lb + (rows_s % h_q) * stride_lh + (rows_s // h_q) * stride_ls
         gl.store(lse_ptr, lse2 * LN2, mask=ok_s)
-    else:  # one of its splits: the partial result in the piece's own slot, merged by triton_decode
+    else:  # one of its splits: the partial result in the piece's own slot, merged by scheduled_decode
         part_row = OutPart + (piece.to(gl.int64) * num_rows + rows_o) * HEAD_DIM_V
         gl.store(gl.expand_dims(part_row, 1) + cols_o, o, mask=ok_o)
         gl.store(LsePart + piece.to(gl.int64) * num_rows + rows_s, lse2, mask=ok_s)
@@ -365,11 +364,11 @@ def hopper_split_launch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
                         lse: torch.Tensor, out_part: torch.Tensor, lse_part: torch.Tensor,
                         schedule: tuple[torch.Tensor, ...], num_parts: int, overhead_units: int) -> None:
     """Launch the split kernel over grid (cdiv(s_q·h_q, 64), b + num_parts): one program per piece of
-    triton_decode's device schedule (`schedule_decode`: seq_start, seq_splits, seq_slot,
+    scheduled_decode's device schedule (`schedule_decode`: seq_start, seq_splits, seq_slot,
     seq_first_part, totals, made with block_n = 64 and `overhead_units`). A piece that is its
     sequence's only one writes out [b, s_q, h_q, 512] (q.dtype) and lse [b, h_q, s_q] (float32,
     natural log); piece k of a split sequence writes out_part[k] [s_q·h_q, 512] and lse_part[k]
-    (float32, normalised, base-2 lse, -inf for no key), which triton_decode's merge combines.
+    (float32, normalised, base-2 lse, -inf for no key), which scheduled_decode's merge combines.
     out must have unit stride along its last dimension. No validation and no host sync (the caller
     checked `supports`); CUDA-graph capturable."""
     b, s_q, h_q, d = q.shape
