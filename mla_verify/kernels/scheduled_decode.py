@@ -270,13 +270,14 @@ def _merge_kernel(OutPart, LsePart, SeqSplits, SeqSlot, Sink, Out, Lse, num_rows
         if tl.program_id(2) == 0:
             tl.store(Lse + batch * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2)
 
+
 # ----------------------------------------------------------------------------------------------
 # Plan
 # ----------------------------------------------------------------------------------------------
 
 # The Gluon Hopper kernel's tile (hopper_decode: 64 rows, one 64-key page tile, 8 warps, 2 stages; one
 # program an SM), in the terms the plan needs.
-HOPPER_CONFIG = DecodeConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, resident_per_sm=1, waves=1)
+HOPPER_CONFIG = DecodeConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, resident_per_sm=1)
 
 
 @dataclass(frozen=True)
