@@ -39,6 +39,8 @@ import math
 
 import torch
 
+from mla_verify.rounding import bits_differ
+
 __all__ = ["KV_FORMATS", "FP8_FORMATS", "SCALE_GROUP", "E4M3_MAX", "FP8_SCALES", "packed_width", "scale_groups",
            "round_to_e4m3", "e4m3_half_step", "reference_scales", "quantize", "dequantize", "split_packed",
            "poison_bytes", "scale_is_power_of_two",
@@ -208,7 +210,7 @@ def quantizer_errors(values: torch.Tensor, codes: object, head_dim_v: int, kv_fo
     else:
         latent, scales, rope = split_packed(codes, d, head_dim_v)
         want_rope = x[:, head_dim_v:].to(torch.bfloat16)
-        altered = rope.view(torch.int16) != want_rope.view(torch.int16)
+        altered = bits_differ(rope, want_rope, nan_payload=True)
         if altered.any():
             at = torch.nonzero(altered)[0].tolist()
             return math.inf, (f"the rope part must be the values rounded to bf16, not quantised: token {at[0]}, rope "
