@@ -77,7 +77,12 @@ Per row (b, s_q, h), with λ = 8 (a Hoeffding tail of 2·e^{-32}):
     allowed κ = 2 times that root mean square, never more than the deterministic u_p·Σ_g P_g‖w_g‖
     (which is what a few dominant keys can reach);
   - score errors through the softmax, Δo = Σ_g P_g(δs_g − δ̄)·w_g: the same vector-sum form with
-    c_g in place of u_p (independent part), plus the truncation bias (d/8)·u_a·Σ_g P_g|s_g|‖w_g‖;
+    c_g in place of u_p (independent part), plus the truncation bias (d/8)·u_a·Σ_g P_g|s_g|‖w_g‖.
+    This is first order in δs; along the path from the exact scores to the kernel's the
+    probabilities stay within e^{2E} of p (E = max_g c_g, as in the sound tier), so the score terms
+    of out and lse carry the factor e^{2E}: ≈ 1 at the errors of real cases, and what keeps the tier
+    sound when scores err by ~1 or more (an FP8 cache dequantised to bf16 under huge q, where one
+    rounding moves a score by hundreds and the first-order term alone was exceeded 2.2-fold);
   - the P·V accumulation and the normaliser: λ·u_a·√n·‖o‖ each (partial sums of a random-order
     sequence are of the size of the result), and for a kernel that normalises by exp(−lse) the
     lse's own log/max/store error (6u_a(|lse| + max|s|) + u_lse|lse| + log(1 + u_exp)) times ‖o‖;
@@ -216,7 +221,10 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     bias = (math.ceil(d / MMA_STEP) * 2 * u_a) * abs_scores  # one-signed truncation, per score
     P2 = keys.squared_group_mass(p)  # P_g·p_t: Σ_t P_{g(t)}·p_t·f_t = Σ_g P_g²·f_g
     n = lengths[:, None, None]
-    sharp_lse = ((p * bias).sum(-1) + TAIL * (P2 * c * c).sum(-1).sqrt() + TAIL * u_a * n.sqrt()
+    # the softmax's response to score errors, first order in δs, is exact in its mean-value form with
+    # probabilities p̃ ≤ e^{2E}·p: the score terms below carry that factor (≈ 1 unless scores err by ~1)
+    mean_value = _mean_value_factor(E)
+    sharp_lse = (mean_value * ((p * bias).sum(-1) + TAIL * (P2 * c * c).sum(-1).sqrt()) + TAIL * u_a * n.sqrt()
                  + math.log1p(u_exp) + deterministic_lse)
 
     o = terms.out
@@ -237,7 +245,7 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     p_rounding = (u_p * torch.clamp(TAIL * mass_sq.sqrt(), max=1.0) * o_norm
                   + vector_sum(u_p / math.sqrt(3), u_p)
                   + smallest_subnormal(model.p) / 2 * v_sq.sqrt().sum(-1)[:, None, None])
-    through_softmax = vector_sum(c, c) + (p * bias * w_norm).sum(-1)
+    through_softmax = mean_value * (vector_sum(c, c) + (p * bias * w_norm).sum(-1))
     # P·V partial sums, and the normaliser: a kernel divides by its own row sum or multiplies by
     # exp(−lse) of its own lse, whose error beyond the score average is the lse's sum/log/store terms
     accumulation = (2 * TAIL * u_a * n.sqrt() + math.log1p(u_exp) + deterministic_lse) * o_norm
@@ -268,6 +276,13 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     sharp_lse = torch.where(has_key, torch.minimum(sharp_lse, lse_bound), zero)
     return DecodeBounds(out=out_bound, lse=lse_bound.permute(0, 2, 1).contiguous(), sharp_out=sharp_out,
                         sharp_lse=sharp_lse.permute(0, 2, 1).contiguous())
+
+
+def _mean_value_factor(E: torch.Tensor) -> torch.Tensor:
+    """e^{2E}, the factor by which the probabilities along the path from the exact to the kernel's
+    scores (each moved by at most E) may exceed the exact ones; +inf past any useful size (the
+    sharp tolerance then falls back to the sound bound)."""
+    return torch.exp(2 * E.clamp(max=350.0)).where(E <= 350.0, torch.full_like(E, math.inf))
 
 
 def with_attn_sink(bounds: DecodeBounds, out: torch.Tensor, lse: torch.Tensor, sigma: torch.Tensor,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from hypothesis import assume, strategies as st
 
 from mla_verify.decode.case import (FP8_SCALES, INDEX_PATTERNS, Q_LAYOUTS, REGIMES, SCALES, SERVING_LENGTH, SINKS,
@@ -182,6 +183,19 @@ def pinned_cases(capabilities: Capabilities, device: str = "cpu", min_batch: int
     fp8 = [f for f in ("fp8_ds_mla", "fp8_e4m3") if f in capabilities.kv_formats]
     if fp8:
         cases.append(base.replace(kv_format=fp8[0], lengths=(page + 1, 3), permute_pages=True))
+    if "fp8_ds_mla" in capabilities.kv_formats:
+        # found on the H200: the project's Triton kernel could not launch its 64-row tiles over this
+        # format at DeepSeek's width (shared memory), and the sharp tier once failed a correct kernel
+        # that dequantises to bf16 when huge q makes every score err by hundreds
+        sixteen_bit = [dtype_name(t) for t in capabilities.dtypes if t in (torch.bfloat16, torch.float16)]
+        if sixteen_bit:
+            cases.append(base.replace(dtype=sixteen_bit[0], heads=64, d=576, head_dim_v=512, kv_format="fp8_ds_mla",
+                                      lengths=(page + 1, 3), permute_pages=True))
+        if min_batch <= 1:
+            cases.append(DecodeCase(dtype="bfloat16", batch=1, s_q=3, heads=123, d=288, head_dim_v=256, page_size=64,
+                                    lengths=(191,), causal=False, regime="large_q", scale="one", permute_pages=False,
+                                    strided_cache=False, extra_blocks=3, seed=4232, layout_seed=282, device=device,
+                                    kv_format="fp8_ds_mla", fp8_scales="near_min"))
     if capabilities.sparse:
         topk = capabilities.topk_values[0] if capabilities.topk_values else min(7, capabilities.max_topk)
         sparse = base.replace(kv_format=capabilities.sparse_kv_formats[0], topk=topk, lengths=(page + 1, 3),

@@ -21,7 +21,10 @@ sparse paths, masking) are triton_decode's; what differs is how the work is cut 
    all-empty row gives out 0 and lse -inf; a sequence of one piece is copied (the same bits). The
    attention sink is applied here;
 4. the plan, from shapes alone: parts = WAVES · R · SMs / row groups (R the config's programs
-   resident per SM), each at least MIN_SPLIT_TOKENS keys' worth of work. `launch_decode` with a
+   resident per SM), each at least MIN_SPLIT_TOKENS keys' worth of work. On the Hopper path a
+   piece costs a tile or more of fixed work (72 KB of Q, the pipeline's fill, the partial write
+   and merge): one part (one piece per sequence, no merge) when the sequences' programs fill
+   their waves to within WAVE_SLACK, else one wave of parts. `launch_decode` with a
    plan made ahead reads no tensor on the host: a serving loop can capture schedule, split and
    merge in one CUDA graph.
 
@@ -58,6 +61,8 @@ MIN_SPLIT_TOKENS = 128
 OVERHEAD_TOKENS = 64
 # Parts per resident program slot: pieces of about a third of a wave keep the last wave short.
 WAVES = 3
+# The Hopper plan runs whole sequences when they leave at most this share of their last wave idle.
+WAVE_SLACK = 0.125
 # Output columns one merge program combines.
 MERGE_COLUMNS = 128
 
@@ -293,22 +298,37 @@ class DecodePlan:
 
 def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int,
                 num_parts: int | None = None, config: DecodeConfig | None = None,
-                indices: torch.Tensor | None = None) -> DecodePlan:
+                indices: torch.Tensor | None = None, kv_format: str = "native") -> DecodePlan:
     """The config and the number of parts for these shapes: WAVES waves of the programs an SM holds,
-    shared among the row groups. Reads no tensor (no host sync). A given num_parts (tests,
+    shared among the row groups (the Hopper path: see the module docstring). Reads no tensor (no
+    host sync). A given num_parts (tests,
     sweeps) also lifts the minimum part size to one unit, so that small cases split."""
     b, s_q, h_q, d = q.shape
     num_rows = h_q if indices is not None else s_q * h_q
-    hopper = config is None and indices is None and _hopper_supports(q, kv_cache, head_dim_v)
-    config = config or (HOPPER_CONFIG if hopper else decode_config(q.dtype, num_rows, d, head_dim_v))
+    hopper = config is None and indices is None and kv_format == "native" and _hopper_supports(q, kv_cache, head_dim_v)
+    config = config or (HOPPER_CONFIG if hopper else decode_config(q.dtype, num_rows, d, head_dim_v, kv_format))
     if num_parts is not None:
         if not isinstance(num_parts, int) or num_parts < 1:
             raise ValueError(f"num_parts must be an int >= 1; got {num_parts!r}")
         return DecodePlan(config=config, num_parts=num_parts, min_part_units=1, hopper=hopper)
-    slots = WAVES * config.resident_per_sm * _sm_count(q.device)
-    return DecodePlan(config=config, num_parts=max(1, slots // triton.cdiv(num_rows, config.block_m)),
-                      min_part_units=_overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n),
-                      hopper=hopper)
+    groups = triton.cdiv(num_rows, config.block_m)
+    wave = config.resident_per_sm * _sm_count(q.device)
+    if hopper:
+        # a piece's fixed cost (72 KB of Q, the pipeline's fill, the partial write and merge) is a
+        # tile or more: whole sequences when they fill the waves, else one wave of parts
+        if _whole_waves(b * groups, wave):
+            return DecodePlan(config=config, num_parts=1, min_part_units=1, hopper=True)
+        return DecodePlan(config=config, num_parts=max(1, wave // groups),
+                          min_part_units=_overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n),
+                          hopper=True)
+    return DecodePlan(config=config, num_parts=max(1, WAVES * wave // groups),
+                      min_part_units=_overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n))
+
+
+def _whole_waves(programs: int, wave: int) -> bool:
+    """Whether `programs` equal programs fill their waves of `wave` slots to within WAVE_SLACK."""
+    waves = triton.cdiv(programs, wave)
+    return programs > 0 and programs >= (1 - WAVE_SLACK) * waves * wave
 
 
 def _hopper_supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim_v: int) -> bool:
@@ -400,11 +420,14 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         return out, lse
     schedule = schedule_decode(cache_seqlens, num_seqs, plan, topk=indices.shape[-1] if sparse else None)
     seq_splits, seq_slot = schedule[1], schedule[2]
-    # a part boundary inside a sequence adds one piece: at most num_seqs + num_parts - 1 pieces
-    out_part = torch.empty(num_seqs + num_parts, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(num_seqs + num_parts, num_rows, dtype=torch.float32, device=q.device)
-    block_v = _pow2_at_least(head_dim_v)
     hopper = plan.hopper and kv_format == "native" and not sparse and attn_sink is None
+    # one part: every sequence is one piece, which the Hopper kernel stores as the final result
+    whole_sequences = hopper and num_parts == 1
+    # a part boundary inside a sequence adds one piece: at most num_seqs + num_parts - 1 pieces
+    slots = 0 if whole_sequences else num_seqs + num_parts
+    out_part = torch.empty(slots, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(slots, num_rows, dtype=torch.float32, device=q.device)
+    block_v = _pow2_at_least(head_dim_v)
     if hopper:  # writes a sequence's only piece as the final result itself
         from mla_verify.kernels import hopper_decode
 
@@ -413,6 +436,8 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     else:  # writes every piece as a partial result
         _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plan, kv_format,
                       k_scale, indices, out_part, lse_part, schedule)
+    if whole_sequences:
+        return out, lse
     merge_cols = min(block_v, MERGE_COLUMNS)
     _merge_kernel[(num_rows, num_seqs, triton.cdiv(head_dim_v, merge_cols))](
         out_part, lse_part, seq_splits, seq_slot, attn_sink if attn_sink is not None else q, out, lse,
@@ -438,7 +463,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     for name, tensor in (("k_scale", k_scale), ("indices", indices), ("attn_sink", attn_sink)):
         if tensor is not None and tensor.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}; got {tensor.device}")
-    plan = plan_decode(q, kv_cache, cache_seqlens, head_dim_v, num_parts=num_parts, config=config, indices=indices)
+    plan = plan_decode(q, kv_cache, cache_seqlens, head_dim_v, num_parts=num_parts, config=config, indices=indices,
+                       kv_format=kv_format)
     return launch_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, float(softmax_scale), causal, plan,
                          kv_format=kv_format, k_scale=k_scale, indices=indices, attn_sink=attn_sink)
 

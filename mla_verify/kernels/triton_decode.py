@@ -404,7 +404,8 @@ def _pow2_at_least(n: int, floor: int = MIN_DOT) -> int:
     return max(floor, triton.next_power_of_2(max(n, 1)))
 
 
-def decode_config(dtype: torch.dtype, num_rows: int, head_dim: int, head_dim_v: int) -> DecodeConfig:
+def decode_config(dtype: torch.dtype, num_rows: int, head_dim: int, head_dim_v: int,
+                  kv_format: str = "native") -> DecodeConfig:
     """The heuristic config, chosen by the sweep in benchmarks/bench_decode.py (bf16, d=576,
     head_dim_v=512, H200; see benchmarks/triton_decode_results.md) among configs whose compiler
     register report shows no spills, where one exists. Deterministic in its arguments: the same
@@ -422,6 +423,10 @@ def decode_config(dtype: torch.dtype, num_rows: int, head_dim: int, head_dim_v: 
     if num_rows > 32:
         # compute-bound: 64 rows, so each warpgroup issues 64-row wgmma; 8 warps (two warpgroups)
         # split the [64, head_dim_v] fp32 accumulator (128 registers a thread at head_dim_v = 512)
+        if wide and kv_format == "fp8_ds_mla":
+            # the dequantised tile and its scales double-buffered: 64-key tiles need 272 KB of shared
+            # memory (Triton 3.6, sm_90a; the H200 refused the launch), 32-key tiles 172 KB
+            return DecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
         return DecodeConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
     if num_rows > 16:
         # 17..32 rows (e.g. h=16 with s_q=2): mma.sync, 32-row tiles
@@ -464,12 +469,12 @@ def _split_count(units: int, max_len: int, config: DecodeConfig, sm_count: int) 
 
 def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int,
                 num_splits: int | None = None, config: DecodeConfig | None = None,
-                indices: torch.Tensor | None = None) -> DecodePlan:
+                indices: torch.Tensor | None = None, kv_format: str = "native") -> DecodePlan:
     """The config and split count for these inputs (reads max(cache_seqlens): a host sync; with
     sparse indices the longest list is their topk and nothing is read)."""
     b, s_q, h_q, d = q.shape
     sequences, num_rows = (b * s_q, h_q) if indices is not None else (b, s_q * h_q)
-    config = config or decode_config(q.dtype, num_rows, d, head_dim_v)
+    config = config or decode_config(q.dtype, num_rows, d, head_dim_v, kv_format)
     if num_splits is None:
         if indices is not None:
             max_len = indices.shape[-1]
@@ -578,7 +583,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     for name, tensor in (("k_scale", k_scale), ("indices", indices), ("attn_sink", attn_sink)):
         if tensor is not None and tensor.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}; got {tensor.device}")
-    plan = plan_decode(q, kv_cache, cache_seqlens, head_dim_v, num_splits=num_splits, config=config, indices=indices)
+    plan = plan_decode(q, kv_cache, cache_seqlens, head_dim_v, num_splits=num_splits, config=config, indices=indices,
+                       kv_format=kv_format)
     return launch_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, float(softmax_scale), causal, plan,
                          kv_format=kv_format, k_scale=k_scale, indices=indices, attn_sink=attn_sink)
 

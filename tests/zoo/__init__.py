@@ -109,6 +109,9 @@ ZOO = (
          benign={"kv_format": "fp8_ds_mla", "fp8_scales": "power_of_two"}),
     _zoo(fp8.rope_part_quantized, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"kv_format": "native"}),
     _zoo(fp8.v_not_dequantized, M, K.WRONG_VALUES, benign={"kv_format": "native"}),
+    # found on the H200 in the project's Triton kernel: > 32 query rows over an fp8_ds_mla cache
+    _zoo(fp8.many_rows_out_of_shared_memory, M, K.EXCEPTION, benign={"kv_format": "fp8_ds_mla"}, max_heads=33,
+         max_s_q=4),
     _zoo(fp8.quantizer_writes_power_of_two_scales, "quantizer_matches_format", K.QUANTIZER_OUT_OF_SPEC),
     # sparse (top-k) decode (mla_verify.decode.sparse)
     _zoo(sparse.minus_one_reads_slot_zero, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES,

@@ -13,7 +13,8 @@ from .common import F32, finish, masked_softmax, visible_mask
 
 __all__ = ["gather_rows", "dequantize_rows", "dense_fp8_float32", "correct_fp8_decode", "scales_per_64_values",
            "scales_rounded_to_power_of_two", "rope_part_quantized", "v_not_dequantized",
-           "quantizer_writes_power_of_two_scales", "dequantized_to_input_type"]
+           "quantizer_writes_power_of_two_scales", "dequantized_to_input_type",
+           "many_rows_out_of_shared_memory"]
 
 FP8_DENSE = Capabilities(kv_formats=("native", "fp8_ds_mla", "fp8_e4m3"))
 
@@ -144,6 +145,19 @@ def v_not_dequantized(q, kv_cache, block_table, cache_seqlens, head_dim_v, softm
     values = rows.to(F32) if rows.element_size() != 1 else rows.view(torch.float8_e4m3fn).to(F32)  # BUG: no scale
     out, lse = _attend(q, keys, values, valid, positions, cache_seqlens, head_dim_v, softmax_scale, causal)
     return finish(out, lse, q)
+
+
+@declare(Capabilities(kv_formats=("native", "fp8_ds_mla")))
+def many_rows_out_of_shared_memory(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False,
+                                   *, is_fp8_kvcache=False, k_scale=None):
+    """A launch config that fits the native cache but not the FP8 one at many query rows: the
+    project's Triton kernel chose 64-row, 64-key tiles for more than 32 rows, whose dequantised
+    fp8_ds_mla tiles need 272 KB of shared memory, and the H200 refused the launch (OutOfResources)."""
+    validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache=is_fp8_kvcache,
+                           k_scale=k_scale)
+    if is_fp8_kvcache and q.shape[1] * q.shape[2] > 32:  # BUG: the config ignores the cache format
+        raise RuntimeError("out of resource: shared memory, Required: 311296, Hardware limit: 232448")
+    return finish(*dense_fp8_float32(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal), q)
 
 
 def _power_of_two_quantizer(values, head_dim_v, kv_format, k_scale=None):
