@@ -23,6 +23,9 @@ below covers only the kernel's own arithmetic. The model of a correct kernel:
   rounded to e4m3, as SGLang's Triton kernel does against an FP8 V), accumulated over L keys:
       C_c = (u_p + γ_{L+2})·(1 + ρ)(1 + ν)·Σ_t p_t|v_tc| + tiny_p·Σ_t |v_tc|.
 - the output is rounded to its type: ≤ u_out·(|o_c| + A_c + B_c + C_c) + tiny_out.
+Flush to zero: a kernel computing in float32 may flush any subnormal float32 result to 0 (Triton's
+and CUDA fast math's default), so every absolute floor above (tiny_p, tiny_dq, tiny_out) is at
+least float32's smallest normal 2^-126 for such a kernel.
 lse: lse is 1-Lipschitz in the scores' max-norm, so |Δlse| ≤ E + log(1 + u_exp) + γ_{L+8}
   + 6·u_a·(|lse| + max_t|s_t|) (log, base change and max added back) + u_lse·|lse| (stored as float32).
 
@@ -167,13 +170,17 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
                             sharp_lse=zeros.permute(0, 2, 1).contiguous())
     u_a = unit_roundoff(model.accumulation)
     u_in, tiny_in = unit_roundoff(model.input), smallest_subnormal(model.input) / 2
-    u_out, tiny_out = unit_roundoff(model.output), smallest_subnormal(model.output) / 2
+    u_out, tiny_out = unit_roundoff(model.output), _output_floor(model)
     u_p = unit_roundoff(model.p)
-    # weights that underflow when P is rounded: half a subnormal of the P type (e4m3 P: 2^-10)
-    tiny_p = max(tiny_in, smallest_subnormal(model.p) / 2)
+    flush = _flush_floor(model)
+    # weights that underflow when P is rounded: half a subnormal of the P type (e4m3 P: 2^-10), or
+    # flushed to 0 below float32's smallest normal
+    tiny_p = max(tiny_in, smallest_subnormal(model.p) / 2, flush)
     u_part = unit_roundoff(model.partials) if model.partials is not None else 0.0
     u_dq = unit_roundoff(model.dequant) if model.dequant is not None else 0.0
-    tiny_dq = smallest_subnormal(model.dequant) / 2 if model.dequant is not None else 0.0
+    # a dequantised value below the normal range: half a subnormal of its type, or 0 when the float32
+    # multiply flushed it
+    tiny_dq = max(smallest_subnormal(model.dequant) / 2, flush) if model.dequant is not None else 0.0
     u_exp = EXP_RELATIVE_ERROR.get(model.accumulation, 4 * u_a)
     u_lse = unit_roundoff(torch.float32)
     d = q.shape[-1]
@@ -244,7 +251,7 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     # rounding to nearest leaves an error uniform within half an ulp: RMS ≤ u/√3, never more than u
     p_rounding = (u_p * torch.clamp(TAIL * mass_sq.sqrt(), max=1.0) * o_norm
                   + vector_sum(u_p / math.sqrt(3), u_p)
-                  + smallest_subnormal(model.p) / 2 * v_sq.sqrt().sum(-1)[:, None, None])
+                  + tiny_p * v_sq.sqrt().sum(-1)[:, None, None])
     through_softmax = mean_value * (vector_sum(c, c) + (p * bias * w_norm).sum(-1))
     # P·V partial sums, and the normaliser: a kernel divides by its own row sum or multiplies by
     # exp(−lse) of its own lse, whose error beyond the score average is the lse's sum/log/store terms
@@ -278,6 +285,20 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
                         sharp_lse=sharp_lse.permute(0, 2, 1).contiguous())
 
 
+def _flush_floor(model: RoundingModel) -> float:
+    """The absolute error of a float32 intermediate flushed to zero: float32's smallest normal when
+    the kernel computes in float32, else 0 (float64 keeps its subnormals). Flush-to-zero is the
+    default of Triton's code generation and of CUDA's fast math; on the H200 both of the project's
+    Triton kernels returned 0 for float32 outputs of ~1e-40 (FP8 caches with near-zero scales)."""
+    return torch.finfo(torch.float32).smallest_normal if model.accumulation == torch.float32 else 0.0
+
+
+def _output_floor(model: RoundingModel) -> float:
+    """The absolute error of one output element below the normal range: half a subnormal of the
+    output type, or the float32 value flushed to zero before its conversion."""
+    return max(smallest_subnormal(model.output) / 2, _flush_floor(model))
+
+
 def _mean_value_factor(E: torch.Tensor) -> torch.Tensor:
     """e^{2E}, the factor by which the probabilities along the path from the exact to the kernel's
     scores (each moved by at most E) may exceed the exact ones; +inf past any useful size (the
@@ -291,7 +312,7 @@ def with_attn_sink(bounds: DecodeBounds, out: torch.Tensor, lse: torch.Tensor, s
     docstring); out [b, s, h, c] and lse [b, h, s] are the reference before the sink. The lse
     bounds are unchanged (a sink does not touch the lse)."""
     u_a = unit_roundoff(model.accumulation)
-    tiny_out = smallest_subnormal(model.output) / 2
+    tiny_out = _output_floor(model)
     sigma = sigma.to(F64)
 
     # σ computed in the accumulation type may flush to 0 below its smallest normal (exp and divide

@@ -191,6 +191,11 @@ def pinned_cases(capabilities: Capabilities, device: str = "cpu", min_batch: int
         if sixteen_bit:
             cases.append(base.replace(dtype=sixteen_bit[0], heads=64, d=576, head_dim_v=512, kv_format="fp8_ds_mla",
                                       lengths=(page + 1, 3), permute_pages=True))
+        # float32 outputs of ~1e-40 (scales of zero next to huge q): a kernel that flushes float32
+        # subnormals to zero, as the project's Triton kernels do on the H200, once failed the sound tier
+        cases.append(base.replace(dtype="float32", heads=4, d=40, head_dim_v=32, page_size=16, lengths=(300, 3),
+                                  regime="large_q", kv_format="fp8_ds_mla", fp8_scales="zero_blocks",
+                                  permute_pages=True))
         if min_batch <= 1:
             cases.append(DecodeCase(dtype="bfloat16", batch=1, s_q=3, heads=123, d=288, head_dim_v=256, page_size=64,
                                     lengths=(191,), causal=False, regime="large_q", scale="one", permute_pages=False,

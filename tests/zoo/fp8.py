@@ -14,7 +14,7 @@ from .common import F32, finish, masked_softmax, visible_mask
 __all__ = ["gather_rows", "dequantize_rows", "dense_fp8_float32", "correct_fp8_decode", "scales_per_64_values",
            "scales_rounded_to_power_of_two", "rope_part_quantized", "v_not_dequantized",
            "quantizer_writes_power_of_two_scales", "dequantized_to_input_type",
-           "many_rows_out_of_shared_memory"]
+           "many_rows_out_of_shared_memory", "flushes_subnormals_to_zero"]
 
 FP8_DENSE = Capabilities(kv_formats=("native", "fp8_ds_mla", "fp8_e4m3"))
 
@@ -189,3 +189,27 @@ def dequantized_to_input_type(q, kv_cache, block_table, cache_seqlens, head_dim_
     values = dequantize_rows(rows, q.shape[-1], head_dim_v, k_scale).to(q.dtype).to(F32)  # rounded to q's type
     out, lse = _attend(q, values, values, valid, positions, cache_seqlens, head_dim_v, softmax_scale, causal)
     return finish(out, lse, q)
+
+
+FLOAT32_SMALLEST_NORMAL = torch.finfo(torch.float32).smallest_normal
+
+
+@declare(FP8_DENSE)
+def flushes_subnormals_to_zero(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False, *,
+                               is_fp8_kvcache=False, k_scale=None):
+    """LEGITIMATE: the template with every float32 result below the normal range flushed to 0 (the
+    dequantised values, the weights and the output), as Triton's code and CUDA's fast math do: on
+    the H200 the project's Triton kernels returned 0 for float32 outputs of ~1e-40."""
+    validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v, is_fp8_kvcache=is_fp8_kvcache,
+                           k_scale=k_scale)
+    rows, valid, positions = gather_rows(kv_cache, block_table, cache_seqlens)
+    values = _flushed(dequantize_rows(rows, q.shape[-1], head_dim_v, k_scale))
+    keys = torch.where(valid[..., None], values, 0.0)
+    scores = torch.einsum("bshd,btd->bsht", q.to(F32), keys) * softmax_scale
+    p, lse = masked_softmax(scores, visible_mask(valid, positions, cache_seqlens, q.shape[1], causal))
+    out = torch.einsum("bsht,btc->bshc", _flushed(p), keys[..., :head_dim_v])
+    return finish(_flushed(out), lse, q)
+
+
+def _flushed(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x.abs() < FLOAT32_SMALLEST_NORMAL, torch.zeros_like(x), x)

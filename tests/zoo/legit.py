@@ -12,7 +12,7 @@ import torch
 from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 
 from .common import F32, finish, gather, pv, qk, visible_mask
-from .fp8 import dequantized_to_input_type
+from .fp8 import dequantized_to_input_type, flushes_subnormals_to_zero
 
 LOG2E = 1 / math.log(2)
 LN2 = math.log(2)
@@ -183,4 +183,4 @@ def reverse_order_sum(q, kv_cache, block_table, cache_seqlens, head_dim_v, softm
 
 # every legitimate variant, for the soundness run and the zoo's controls
 LEGITIMATE = (online_exp2_tiles, split_kv_lse_merge, split_kv_bf16_partials, reverse_order_sum,
-              dequantized_to_input_type)
+              dequantized_to_input_type, flushes_subnormals_to_zero)
