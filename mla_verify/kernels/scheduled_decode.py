@@ -32,8 +32,9 @@ On Hopper (sm_90) with bf16/fp16, d = 576/512, page 64, at least 64 query rows, 
 indices and no sink, the split kernel is hopper_decode's Gluon kernel (TMA, wgmma) on the same
 schedule, merged by the same merge (it stores a sequence's only piece as the final result itself).
 
-Status: certified on the CPU through Triton's interpreter. Not yet on a GPU: see
-benchmarks/triton_decode_results.md for the one GPU certificate attempt and what followed it.
+Status: certified on the CPU through Triton's interpreter and on an H200 (thorough and default
+profiles; results/triton-scheduled/). Speed beside the fixed-split kernel and the peers:
+benchmarks/decode_bench_h200.md and benchmarks/triton_decode_results.md.
 """
 
 from __future__ import annotations
