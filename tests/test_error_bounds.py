@@ -91,3 +91,17 @@ def test_constant_keys_allow_one_full_rounding_of_p():
     o = terms.out[0, 0, 0]
     # a kernel rounding p = 1/600 to bf16 scales the whole output by (1 + ε), |ε| up to u: allowed
     assert float(bounds.sharp_out[0, 0, 0]) >= unit_roundoff(torch.bfloat16) * float(o.norm())
+
+
+def test_mean_value_factor_of_the_sharp_tier():
+    """e^{2E} for the score terms of the sharp tier: 1 at exact scores, +inf past any useful size,
+    and a term that is 0 (one key, w = v − o = 0) stays 0 under an infinite factor, never NaN."""
+    from mla_verify.decode.bounds import _mean_value_factor, _times
+
+    E = torch.tensor([0.0, 1e-3, 0.5, 400.0, math.inf], dtype=torch.float64)
+    factor = _mean_value_factor(E)
+    assert factor[0] == 1 and math.isclose(float(factor[1]), math.exp(2e-3)) and math.isclose(float(factor[2]), math.e)
+    assert torch.isinf(factor[3:]).all()
+    scaled = _times(factor, torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0], dtype=torch.float64))
+    assert scaled[0] == 0 and scaled[2] == 0 and scaled[3] == 0 and torch.isinf(scaled[4])
+    assert not scaled.isnan().any()

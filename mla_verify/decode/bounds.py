@@ -231,7 +231,7 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     # the softmax's response to score errors, first order in δs, is exact in its mean-value form with
     # probabilities p̃ ≤ e^{2E}·p: the score terms below carry that factor (≈ 1 unless scores err by ~1)
     mean_value = _mean_value_factor(E)
-    sharp_lse = (mean_value * ((p * bias).sum(-1) + TAIL * (P2 * c * c).sum(-1).sqrt()) + TAIL * u_a * n.sqrt()
+    sharp_lse = (_times(mean_value, (p * bias).sum(-1) + TAIL * (P2 * c * c).sum(-1).sqrt()) + TAIL * u_a * n.sqrt()
                  + math.log1p(u_exp) + deterministic_lse)
 
     o = terms.out
@@ -252,7 +252,7 @@ def decode_bounds(terms: PagedDecodeTerms, q: torch.Tensor, softmax_scale: float
     p_rounding = (u_p * torch.clamp(TAIL * mass_sq.sqrt(), max=1.0) * o_norm
                   + vector_sum(u_p / math.sqrt(3), u_p)
                   + tiny_p * v_sq.sqrt().sum(-1)[:, None, None])
-    through_softmax = mean_value * (vector_sum(c, c) + (p * bias * w_norm).sum(-1))
+    through_softmax = _times(mean_value, vector_sum(c, c) + (p * bias * w_norm).sum(-1))
     # P·V partial sums, and the normaliser: a kernel divides by its own row sum or multiplies by
     # exp(−lse) of its own lse, whose error beyond the score average is the lse's sum/log/store terms
     accumulation = (2 * TAIL * u_a * n.sqrt() + math.log1p(u_exp) + deterministic_lse) * o_norm
