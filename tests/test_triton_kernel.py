@@ -419,3 +419,36 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "1"
     main()
+
+
+def test_a_tile_this_gpu_refuses_falls_back_to_a_smaller_one():
+    """launch_fitting: where a GPU has less shared memory than the H200 the configs were sized for
+    (Triton raises OutOfResources before launching), the same rows and warps with fewer stages or
+    shorter key tiles, largest first; a clear error when none fits."""
+    from triton.runtime.errors import OutOfResources
+
+    from mla_verify.kernels.triton_decode import DecodeConfig, launch_fitting, smaller_configs
+
+    config = DecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    assert [(c.block_n, c.num_stages) for c in smaller_configs(config)] == [(16, 2), (32, 1), (16, 1)]
+    assert [(c.block_n, c.num_stages) for c in smaller_configs(config, retile=False)] == [(32, 1)]
+    assert all(c.block_m == 64 and c.num_warps == 8 for c in smaller_configs(config))
+
+    class Kernel:  # accepts tiles of at most `limit` keys × stages, as shared memory would
+        def __init__(self, limit: int) -> None:
+            self.limit, self.launched = limit, []
+
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_N, num_stages, **constexprs):
+                if BLOCK_N * num_stages > self.limit:
+                    raise OutOfResources(BLOCK_N * num_stages * 1024, self.limit * 1024, "shared memory")
+                self.launched.append((grid, args, BLOCK_N, num_stages, constexprs["HEAD_DIM"]))
+            return launch
+
+    fits = Kernel(limit=64)
+    assert launch_fitting(fits, (1, 2), ("q",), {"HEAD_DIM": 576}, config) == config
+    small = Kernel(limit=16)
+    chosen = launch_fitting(small, (1, 2), ("q",), {"HEAD_DIM": 576}, config)
+    assert (chosen.block_n, chosen.num_stages) == (16, 1) and small.launched == [((1, 2), ("q",), 16, 1, 576)]
+    with pytest.raises(RuntimeError, match="no tile of 64 rows fits this GPU's shared memory"):
+        launch_fitting(Kernel(limit=8), (1,), (), {"HEAD_DIM": 576}, config)

@@ -49,7 +49,7 @@ from mla_verify.decode.contract import declare, validate_decode_inputs
 from mla_verify.decode.fp8 import split_packed
 from mla_verify.kernels.triton_decode import (FORMAT_CODES, LN2, LOG2E, LOG2E_C, DecodeConfig, _attend_list,
                                               _attend_range, _check_supported, _declared, _pow2_at_least, _sm_count,
-                                              decode_config, interpreting)
+                                              decode_config, interpreting, launch_fitting)
 
 __all__ = ["scheduled_paged_decode", "paged_decode", "DecodePlan", "plan_decode", "schedule_decode",
            "launch_decode", "HOPPER_CONFIG"]
@@ -387,7 +387,7 @@ def _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_s
     index_strides = indices.stride() if sparse else (0, 0, 0)
     block_r = _pow2_at_least(d - head_dim_v)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
-    _split_kernel[(triton.cdiv(num_rows, config.block_m), num_seqs + num_parts)](
+    args = (
         q, cache, scales, rope, k_scale if k_scale is not None else q, block_table, cache_seqlens,
         indices if sparse else block_table, out_part, lse_part, *schedule,
         softmax_scale * LOG2E, page_size, num_rows, h_q, s_q, num_seqs, kv_cache.shape[0] * page_size,
@@ -396,12 +396,14 @@ def _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_s
         cache.stride(0), cache.stride(1), cache.stride(3),
         scales.stride(0), scales.stride(1), rope.stride(0), rope.stride(1),
         block_table.stride(0), *index_strides,
-        HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_V=block_v, BLOCK_R=block_r,
-        OVERHEAD_UNITS=_overhead_units(config), CAUSAL=bool(causal) and not sparse, DOT_PRECISION=precision,
-        KV_FORMAT=FORMAT_CODES[kv_format], SPARSE=sparse, BLOCK_B=_schedule_block(num_seqs),
-        num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    # the schedule counts keys in tiles of the plan's size: a smaller GPU gets fewer stages, not shorter tiles
+    launch_fitting(_split_kernel, (triton.cdiv(num_rows, config.block_m), num_seqs + num_parts), args,
+                   dict(HEAD_DIM=d, HEAD_DIM_V=head_dim_v, BLOCK_V=block_v, BLOCK_R=block_r,
+                        OVERHEAD_UNITS=_overhead_units(config), CAUSAL=bool(causal) and not sparse,
+                        DOT_PRECISION=precision, KV_FORMAT=FORMAT_CODES[kv_format], SPARSE=sparse,
+                        BLOCK_B=_schedule_block(num_seqs)),
+                   config, retile=False)
 
 
 def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,

@@ -71,12 +71,13 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from mla_verify.decode.contract import Capabilities, declare, validate_decode_inputs
 from mla_verify.decode.fp8 import KV_FORMATS, SCALE_GROUP, split_packed
 
 __all__ = ["triton_paged_decode", "paged_decode", "DecodeConfig", "DecodePlan", "decode_config", "plan_decode",
-           "launch_decode", "interpreting"]
+           "launch_decode", "launch_fitting", "smaller_configs", "interpreting"]
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr global: usable inside kernels
@@ -520,7 +521,7 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     block_r = _pow2_at_least(d - head_dim_v)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     grid = (triton.cdiv(num_rows, config.block_m), num_splits, sequences)
-    _split_kernel[grid](
+    args = (
         q, cache, scales, rope, k_scale if k_scale is not None else q, block_table, cache_seqlens,
         indices if sparse else block_table, attn_sink if attn_sink is not None else q, out, lse, out_part, lse_part,
         softmax_scale * LOG2E, page_size, num_rows, h_q, s_q, num_splits, kv_cache.shape[0] * page_size,
@@ -532,12 +533,13 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         *out.stride(),
         *lse.stride(),
         num_splits * num_rows * head_dim_v, num_rows * head_dim_v, head_dim_v, num_splits * num_rows, num_rows,
-        HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_V=block_v, BLOCK_R=block_r,
-        CAUSAL=bool(causal) and not sparse, SINGLE_SPLIT=single, DOT_PRECISION=precision,
-        KV_FORMAT=FORMAT_CODES[kv_format], SPARSE=sparse, ATTN_SINK=attn_sink is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    # a split's key range is cut in whole tiles of its own size: a shorter tile keeps the plan valid
+    launch_fitting(_split_kernel, grid, args,
+                   dict(HEAD_DIM=d, HEAD_DIM_V=head_dim_v, BLOCK_V=block_v, BLOCK_R=block_r,
+                        CAUSAL=bool(causal) and not sparse, SINGLE_SPLIT=single, DOT_PRECISION=precision,
+                        KV_FORMAT=FORMAT_CODES[kv_format], SPARSE=sparse, ATTN_SINK=attn_sink is not None),
+                   config)
     if not single:
         _merge_kernel[(num_rows, sequences)](
             out_part, lse_part, attn_sink if attn_sink is not None else q, out, lse, num_splits, h_q, s_q,
@@ -549,6 +551,36 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
             num_warps=max(1, min(4, block_v // 128)),
         )
     return out, lse
+
+
+def smaller_configs(config: DecodeConfig, retile: bool = True) -> list[DecodeConfig]:
+    """What to launch instead of `config` on a GPU whose shared memory it exceeds: the same rows and
+    warps (so the grid and the plan stay valid), fewer pipeline stages and (retile) shorter key
+    tiles down to MIN_DOT, largest first (shared memory goes as key tile × stages; at equal size the
+    deeper pipeline first). The configs were sized for an H200's 227 KB a block; an A100 has 164 KB,
+    an L40S 99 KB."""
+    tiles = [config.block_n >> k for k in range(8) if config.block_n >> k >= MIN_DOT] if retile else [config.block_n]
+    candidates = [dataclasses.replace(config, block_n=n, num_stages=stages)
+                  for n in tiles for stages in range(config.num_stages, 0, -1)]
+    candidates = [c for c in candidates if c != config]
+    return sorted(candidates, key=lambda c: (-c.block_n * c.num_stages, -c.num_stages))
+
+
+def launch_fitting(kernel, grid: tuple, args: tuple, constexprs: dict, config: DecodeConfig,
+                   retile: bool = True) -> DecodeConfig:
+    """Launch `kernel` over `grid` with `config`'s tile, or, where this GPU refuses it for lack of
+    shared memory (Triton raises before launching), with the first of `smaller_configs` it accepts.
+    Returns the config launched. On the H200 every config of decode_config fits (the first try)."""
+    refused = []
+    for candidate in (config, *smaller_configs(config, retile)):
+        try:
+            kernel[grid](*args, **constexprs, BLOCK_M=candidate.block_m, BLOCK_N=candidate.block_n,
+                         num_warps=candidate.num_warps, num_stages=candidate.num_stages)
+            return candidate
+        except OutOfResources as error:
+            refused.append(f"{candidate.block_n} keys × {candidate.num_stages} stages: {error}")
+    raise RuntimeError(f"no tile of {config.block_m} rows fits this GPU's shared memory; tried "
+                       + "; ".join(refused))
 
 
 def _check_supported(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
