@@ -30,7 +30,8 @@ How it runs (read top to bottom):
    bit-reproducible): weights 2^(lse_s - max), empty splits (lse -inf) contribute nothing, an
    all-empty row gives out 0 and lse -inf;
 5. the configs (a shape heuristic, no autotuning: the same shapes always run the same code), the
-   plan (split count) and the host wrappers.
+   plan (split count) and the host wrappers. The configs fit an H200's shared memory; a GPU with
+   less gets the largest smaller tile it accepts (`launch_fitting`: same rows and warps).
 
 FP8 caches and sparse decode (the contract's keywords is_fp8_kvcache, k_scale, indices, attn_sink):
 
