@@ -282,6 +282,26 @@ def sweep() -> None:
                     results.append(f"failed: {type(error).__name__}: {str(error)[:80]}")
             name = f"{config.block_m} {config.block_n} {config.num_warps} {config.num_stages}" if config else "hopper"
             print(f"  {name}: " + " | ".join(results), flush=True)
+    # the Hopper kernel on few rows (padded to 64) against the tl kernel, each with its own plan
+    print("\nsweep: Hopper kernel (rows padded to 64) vs the tl kernel, plans their own", flush=True)
+    for h, b, length, s_q in ((16, 128, 16384, 1), (16, 128, 4096, 1), (16, 128, 4096, 2), (16, 1, 16384, 1),
+                              (32, 128, 4096, 1)):
+        for varlen in (False, True):
+            tl_config = td.decode_config(torch.bfloat16, s_q * h, D, DV)
+            times = [graph_ms(lambda *a, c=c: prepare_triton(sd, *a, config=c), b, s_q, h, length, varlen, s_q > 1)
+                     for c in (None, tl_config)]
+            print(f"  h={h} b={b} L={length} s_q={s_q} varlen={varlen}: hopper {1e3 * times[0]:.1f} µs, "
+                  f"tl {1e3 * times[1]:.1f} µs (tl / hopper {times[1] / times[0]:.2f})", flush=True)
+    # varlen on the Hopper kernel: how many parts when the device schedule cuts
+    print("\nsweep: Hopper kernel, varlen, parts when cut (the plan's own: whole or one wave)", flush=True)
+    for h, b, length in ((128, 128, 16384), (128, 128, 4096), (16, 128, 16384), (16, 128, 4096)):
+        groups = triton.cdiv(h, 64)
+        results = [f"plan {1e3 * graph_ms(lambda *a: prepare_triton(sd, *a), b, 1, h, length, True, False):.1f}"]
+        for waves in (1, 2, 3):
+            parts = waves * sms // groups
+            ms = graph_ms(lambda *a, p=parts: prepare_triton(sd, *a, num_parts=p), b, 1, h, length, True, False)
+            results.append(f"{parts} parts {1e3 * ms:.1f}")
+        print(f"  h={h} b={b} L={length}: " + " | ".join(results) + " µs", flush=True)
     # b = 1: how finely to cut one long sequence (the minimum part size)
     print("\nsweep h=16 b=1 L=16384 s_q=1: min part size", flush=True)
     config = td.decode_config(torch.bfloat16, 16, D, DV)

@@ -6,7 +6,8 @@
 2. Correctness: scheduled_decode's launch with the Hopper split kernel (its schedule and merge) against
    mla_verify's float64 reference (paged_decode_reference), beside the project's tl kernel on the same
    inputs. Cases: h 64
-   and 128, s_q 1 and 2 (s_q 2 causal), b 1..8, lengths 0, 1, 63, 64, 65, 1000, ... varied per
+   and 128, and 1, 8, 16 (fewer than 64 rows, padded), s_q 1, 2 and 4 (causal), b 1..8 and 120-128
+   (the device schedule's whole-sequence branch), lengths 0, 1, 63, 64, 65, 1000, ... varied per
    sequence, pages permuted, unused block-table entries int32-max, NaN in every cache slot past a
    length and in every unused page, bf16 and fp16, part counts the plan's / 1 / 3 / 7. (Unwritten
    outputs are caught by the suite's poisoned allocator in `mla-verify certify`.) Reported: relative L2 error of out
@@ -117,6 +118,15 @@ CASES = [
     (3, 2, 128, [700, 0, 4096], False),
     (2, 1, 96, [130, 1000], False),  # 96 rows: a second, partly filled row group
     (2, 2, 65, [65, 9], True),  # 130 rows, causal
+    # fewer than 64 rows, padded with zero rows
+    (3, 1, 16, [0, 1, 1000], False),
+    (2, 2, 16, [65, 4000], True),
+    (4, 1, 1, [1, 64, 65, 300], False),
+    (2, 4, 8, [200, 9], True),
+    (1, 1, 16, [16384], False),
+    # batches that fill the waves: the plan's own run takes whole sequences (one piece each)
+    (128, 1, 16, [300] * 127 + [0], False),
+    (120, 2, 32, [130] * 120, True),
 ]
 
 

@@ -53,12 +53,14 @@ class KernelCase:
     kernel: num_splits given = its work cut into SCHEDULED_PARTS parts with no minimum size, so every
     tile of these small cases is a piece of its own and the merge combines many); config
     'test' = the fixed small tile (block_m 16, block_n 16) for reproducibility, 'heuristic' = the
-    kernel's shape heuristic (larger tiles)."""
+    kernel's shape heuristic (larger tiles). whole_capacity > 0: the scheduled kernel's plan may give
+    each sequence a part of its own (the Hopper plan's whole-sequence schedule, here on the tl kernel)."""
 
     id: str
     case: DecodeCase
     num_splits: int | None = None
     config: str = "test"
+    whole_capacity: float = 0.0
 
 
 def _case(dtype: str = "float32", b: int = 1, s_q: int = 1, h: int = 1, widths: tuple[int, int] = (48, 32),
@@ -117,6 +119,9 @@ def _cases() -> list[KernelCase]:
         KernelCase("fp16-constant-keys", _case("float16", b=2, h=3, lengths=(40, 17), regime="constant_keys")),
         # s_q = 8 (the declared maximum), causal
         KernelCase("fp16-sq8-causal", _case("float16", b=2, s_q=8, h=2, lengths=(12, 5), causal=True)),
+        # the whole-sequence schedule: sequences' units padded to the longest, empty and one-key rows among them
+        KernelCase("fp32-whole-sequences", _case("float32", b=4, s_q=2, h=3, lengths=(0, 1, 17, 33), causal=True),
+                   whole_capacity=3.0),
     ]
     # FP8 caches (dequantised in the kernel to q's dtype), sparse index lists, sinks
     fp8 = dict(widths=(48, 32), page=4, lengths=(5, 19), strided=True)
@@ -155,6 +160,7 @@ SCHEDULED_PARTS = 64
 
 def _judge(kc: KernelCase, kernel: str = "triton") -> dict:
     """Run one case through the interpreter; returns {"ok", "message", "sound", "sharp", "seconds"}."""
+    import dataclasses
     import functools
 
     from mla_verify.decode.inputs import build_inputs
@@ -165,6 +171,11 @@ def _judge(kc: KernelCase, kernel: str = "triton") -> dict:
     config = td.DecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1) if kc.config == "test" else None
     if kernel == "triton":
         fn = functools.partial(td.paged_decode, num_splits=kc.num_splits, config=config)
+    elif kc.whole_capacity:
+        def fn(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False):
+            plan = dataclasses.replace(sd.plan_decode(q, kv_cache, cache_seqlens, head_dim_v, config=config),
+                                       whole_capacity=kc.whole_capacity)
+            return sd.launch_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plan)
     else:
         fn = functools.partial(sd.paged_decode, num_parts=SCHEDULED_PARTS if kc.num_splits else None, config=config)
     impl = Implementation(name=kernel, spec=f"mla_verify.kernels.{kernel}_decode", fn=fn,
@@ -290,10 +301,11 @@ def test_scheduled_plan_reads_no_tensor():
     assert wide.num_parts == max(1, WAVES * wide.config.resident_per_sm * INTERPRETER_SM_COUNT // 4)
 
 
-def test_hopper_plan_runs_whole_sequences_when_they_fill_the_waves(monkeypatch):
-    """The Hopper kernel's plan (its shapes eligible; CPU tensors stand in): one part, so one piece per
-    sequence, when the sequences' programs fill their waves to within WAVE_SLACK; else one wave of
-    parts. The H200 sweep: at h=128, b=128 (256 programs, 1.94 waves) one piece per sequence took
+def test_hopper_plan_cuts_one_wave_and_offers_whole_sequences(monkeypatch):
+    """The Hopper kernel's plan (its shapes eligible; CPU tensors stand in): one wave of parts, and the
+    capacity in sequences of the waves that whole-sequence programs take, from which the device
+    schedule picks whole sequences when the lengths fill it (test_device_schedule_...). The H200
+    sweep behind it: at h=128, b=128, L=4096 (256 programs, 1.94 waves) one piece per sequence took
     366 µs against 475-516 µs cut into 66-396 parts; at b=16 (32 programs) 677 µs against 244-280."""
     from mla_verify.kernels import scheduled_decode as sd
 
@@ -304,24 +316,38 @@ def test_hopper_plan_runs_whole_sequences_when_they_fill_the_waves(monkeypatch):
         q = torch.empty(b, s_q, h, 576, dtype=torch.bfloat16)
         return sd.plan_decode(q, torch.empty(1, 64, 1, 576, dtype=torch.bfloat16), torch.empty(b), 512)
 
-    assert plan(128, 128).num_parts == 1 and plan(128, 128).hopper  # 256 programs: 97 % of two waves
-    assert plan(128, 128, s_q=2).num_parts == 1  # 512 programs: 97 % of four waves
-    assert plan(120, 128).num_parts == 1  # 240 programs: 91 % of two waves
-    assert plan(100, 128).num_parts == 66  # 200 programs: 76 % of two waves: one wave of parts
-    assert plan(16, 128).num_parts == 66 and plan(1, 64).num_parts == 132
-    assert plan(16, 128).min_part_units > 1  # split plans keep pieces of at least MIN_SPLIT_TOKENS
-    assert not sd._whole_waves(0, 132) and sd._whole_waves(116, 132) and not sd._whole_waves(115, 132)
+    assert plan(128, 128).hopper and plan(128, 128).num_parts == 66  # two row groups share the wave
+    assert plan(128, 128).whole_capacity == 132  # 256 programs: two waves of 66 sequences
+    assert plan(128, 128, s_q=2).whole_capacity == 132  # 512 programs: four waves of 33
+    assert plan(100, 128).whole_capacity == 132 and plan(16, 128).whole_capacity == 66
+    # 16 rows, padded to 64: small partial results, three waves of parts when cut
+    assert plan(128, 16).num_parts == 3 * 132 and plan(128, 16).whole_capacity == 132
+    assert plan(1, 16).num_parts == 3 * 132 and plan(64, 1, s_q=2).num_parts == 3 * 132
+    assert plan(1, 64).num_parts == 132  # 64 rows: one wave
+    assert plan(16, 128).min_part_units > 1  # cut plans keep pieces of at least MIN_SPLIT_TOKENS
+    # the tl kernel's plan never takes whole sequences: its merge writes every result anyway
+    monkeypatch.setattr(sd, "_hopper_supports", lambda *args: False)
+    assert plan(128, 128).whole_capacity == 0
 
 
-# (lengths, num_parts, min_part_units or None for the plan's own) → what the schedule must satisfy
+# (lengths, num_parts, min_part_units or None for the plan's own, whole_capacity) → what the schedule
+# must satisfy; a whole_capacity > 0 lets the device give each sequence a part of its own
 SCHEDULES = {
-    "one-long": ((16384,), 8, None),
-    "short-one-split": ((100,), 8, None),
-    "varlen": ((4096, 2048, 3000, 17, 0, 1, 8191), 8, None),
-    "many-short": (tuple(range(0, 300, 7)), 8, None),
-    "per-tile": ((40, 3, 0, 33), 64, 1),
-    "all-empty": ((0, 0, 0), 5, 1),
-    "batch-over-block": (tuple((i * 37) % 500 for i in range(1500)), 6, None),
+    "one-long": ((16384,), 8, None, 0),
+    "short-one-split": ((100,), 8, None, 0),
+    "varlen": ((4096, 2048, 3000, 17, 0, 1, 8191), 8, None, 0),
+    "many-short": (tuple(range(0, 300, 7)), 8, None, 0),
+    "per-tile": ((40, 3, 0, 33), 64, 1, 0),
+    "all-empty": ((0, 0, 0), 5, 1, 0),
+    "batch-over-block": (tuple((i * 37) % 500 for i in range(1500)), 6, None, 0),
+    # equal lengths that fill the capacity: whole; 7 of 8 slots filled is within WAVE_SLACK, 6 is not
+    "whole-equal": ((4096,) * 8, 8, None, 8.0),
+    "whole-seven-of-eight": ((4096,) * 7, 8, None, 8.0),
+    "cut-six-of-eight": ((4096,) * 6, 8, None, 8.0),
+    # a spread of lengths costs waves at the longest: cut; an empty row among equal ones: whole
+    "cut-varlen": ((4096, 2048, 3000, 2500), 8, None, 4.0),
+    "whole-with-empty": ((0, 8192, 8192, 8192, 8192, 8192, 8192, 8192, 8192), 9, None, 9.0),
+    "whole-over-block": ((300,) * 1500, 6, None, 1500.0),
 }
 
 
@@ -332,16 +358,17 @@ def _schedules() -> dict:
 
     config = td.decode_config(torch.bfloat16, 16, 576, 512)
     found = {}
-    for name, (lengths, parts, min_units) in SCHEDULES.items():
+    for name, (lengths, parts, min_units, capacity) in SCHEDULES.items():
         plan = sd.DecodePlan(config=config, num_parts=parts,
                              min_part_units=min_units or sd.plan_decode(
                                  torch.empty(1, 1, 16, 576, dtype=torch.bfloat16), torch.empty(0),
-                                 torch.empty(0), 512).min_part_units)
+                                 torch.empty(0), 512).min_part_units, whole_capacity=capacity)
         start, splits, slot, first_part, totals = sd.schedule_decode(
             torch.tensor(lengths, dtype=torch.int32), len(lengths), plan)
         found[name] = {"start": start.tolist(), "splits": splits.tolist(), "slot": slot.tolist(),
                        "first_part": first_part.tolist(), "totals": totals.tolist(), "block_n": config.block_n,
-                       "overhead": sd._overhead_units(config), "min_part_units": plan.min_part_units}
+                       "overhead": sd._overhead_units(config), "min_part_units": plan.min_part_units,
+                       "wave_slack": sd.WAVE_SLACK}
     return found
 
 
@@ -352,11 +379,19 @@ def schedules() -> dict:
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_device_schedule_covers_every_tile_once_and_balances(schedules, name):
-    lengths, parts, _ = SCHEDULES[name]
+    lengths, parts, _, capacity = SCHEDULES[name]
     got = schedules[name]
     per_part, total, pieces = got["totals"]
     block_n, overhead = got["block_n"], got["overhead"]
     units = [overhead + -(-n // block_n) for n in lengths]
+    whole = capacity > 0 and sum(units) >= (1 - got["wave_slack"]) * capacity * max(units)
+    assert whole == name.startswith("whole"), "the test's name says which way the device must decide"
+    if whole:  # a part per sequence, each as long as the longest sequence's cost
+        assert per_part == max(units) and total == len(lengths) * max(units)
+        assert got["start"] == [i * max(units) for i in range(len(lengths))]
+        assert got["splits"] == [1] * len(lengths) and got["first_part"] == list(range(len(lengths)))
+        assert got["slot"] == list(range(len(lengths))) and pieces == len(lengths)
+        return
     assert total == sum(units)
     assert per_part == max(-(-total // parts), got["min_part_units"])
     assert got["start"] == [sum(units[:i]) for i in range(len(lengths))]

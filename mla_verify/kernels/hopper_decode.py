@@ -52,8 +52,11 @@ expects). Query rows past h_q·s_q (the last row group) are loaded as zeros and 
 
 Scope (`supports`): CUDA sm_90, bf16/fp16 q and a native cache of the same dtype, d = 576 and
 head_dim_v = 512, page_size 64, a cache whose rows are contiguous and page blocks adjacent (block
-stride = page_size · row stride, 16-byte aligned), q with unit stride along d, at least 64 query rows
-(h_q·s_q), at most MAX_BATCH sequences, no FP8, sparse indices or attention sinks. Anything else: the
+stride = page_size · row stride, 16-byte aligned), q with unit stride along d, at most MAX_BATCH
+sequences, no FP8, sparse indices or attention sinks. Fewer than 64 query rows (h_q·s_q ≤ 32: MTP
+at TP8/TP16) are padded to 64 with zero rows, as FlashMLA pads them: the tensor cores do 2-4× the
+useful work, but the memory-bound loop is fed by TMA instead of the tl kernel's register-routed
+gather (benchmarks/decode_bench_h200.md measures both). Anything else: the
 caller falls back to the tl kernel. (Pages of 128, 192, ... take the same code path, a tile never
 crossing a page, but have not been run on a GPU yet; SUPPORTED_PAGE_SIZES widens when they have.)
 
@@ -343,7 +346,7 @@ def supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim_v: int, *, is_fp8
     num_blocks, page_size, h_kv, d_k = kv_cache.shape
     if d != HEAD_DIM or d_k != HEAD_DIM or head_dim_v != HEAD_DIM_V or h_kv != 1:
         return False
-    if page_size not in SUPPORTED_PAGE_SIZES or s_q * h_q < BLOCK_M or q.stride(3) != 1 or b > MAX_BATCH:
+    if page_size not in SUPPORTED_PAGE_SIZES or q.stride(3) != 1 or b > MAX_BATCH:
         return False
     # TMA: unit column stride, 16-byte aligned row stride and base, blocks adjacent (so the cache is
     # one 2-D tensor of rows), row indices within int32

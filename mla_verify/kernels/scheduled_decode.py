@@ -12,24 +12,27 @@ sparse paths, masking) are triton_decode's; what differs is how the work is cut 
    sequence costs its key tiles plus a fixed overhead; all sequences' costs laid end to end are cut
    into equal parts, so a batch of mixed lengths is balanced as well as one of equal lengths
    (FlashMLA's tile-scheduler metadata works the same way). A piece is one sequence's share of one
-   part: a contiguous key range;
+   part: a contiguous key range. When the plan allows it (the Hopper path) and the lengths fill
+   the waves of one program per sequence, every sequence is a part of its own instead (no merge);
+   this too is decided here, from the lengths;
 2. `_split_kernel`: one program per (row group, piece), the grid sized for the most pieces there
    can be (sequences + parts). Its program writes the normalised partial output and lse (float32,
    base 2) to the piece's slot;
-3. `_merge_kernel`: per query row of a sequence and block of output columns, combines its pieces
-   in slot order (bit-reproducible): weights 2^(lse_s - max), empty pieces contribute nothing, an
+3. `_merge_kernel`: per query row of a sequence and block of output columns, combines its pieces,
+   up to MERGE_SPLITS at once, in a fixed order (bit-reproducible): weights 2^(lse_s - max), empty pieces contribute nothing, an
    all-empty row gives out 0 and lse -inf; a sequence of one piece is copied (the same bits). The
    attention sink is applied here;
 4. the plan, from shapes alone: parts = WAVES · R · SMs / row groups (R the config's programs
    resident per SM), each at least MIN_SPLIT_TOKENS keys' worth of work. On the Hopper path a
    piece costs a tile or more of fixed work (72 KB of Q, the pipeline's fill, the partial write
-   and merge): one part (one piece per sequence, no merge) when the sequences' programs fill
-   their waves to within WAVE_SLACK, else one wave of parts. `launch_decode` with a
+   and merge): one piece per sequence (no merge) when the lengths fill the waves of the
+   sequences' programs to within WAVE_SLACK (the schedule kernel decides), else one wave of parts
+   (WAVES waves for at most SMALL_PARTIAL_ROWS rows). `launch_decode` with a
    plan made ahead reads no tensor on the host: a serving loop can capture schedule, split and
    merge in one CUDA graph.
 
-On Hopper (sm_90) with bf16/fp16, d = 576/512, page 64, at least 64 query rows, a native cache, no
-indices and no sink, the split kernel is hopper_decode's Gluon kernel (TMA, wgmma) on the same
+On Hopper (sm_90) with bf16/fp16, d = 576/512, page 64, a native cache, no indices and no sink
+(fewer than 64 query rows padded to 64), the split kernel is hopper_decode's Gluon kernel (TMA, wgmma) on the same
 schedule, merged by the same merge (it stores a sequence's only piece as the final result itself).
 
 Status: certified on the CPU through Triton's interpreter and on an H200 (thorough and default
@@ -64,8 +67,13 @@ OVERHEAD_TOKENS = 64
 WAVES = 3
 # The Hopper plan runs whole sequences when they leave at most this share of their last wave idle.
 WAVE_SLACK = 0.125
-# Output columns one merge program combines.
+# The Hopper plan cuts into WAVES waves of parts, not one, for at most this many query rows.
+SMALL_PARTIAL_ROWS = 32
+# The merge's tile: this many splits × output columns at once.
+MERGE_SPLITS = 32
 MERGE_COLUMNS = 128
+# The merge gives a program a whole row when there are this many rows per SM (else MERGE_COLUMNS).
+MERGE_ROWS_PER_SM = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,9 +82,9 @@ MERGE_COLUMNS = 128
 
 @triton.jit
 def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals,
-                     num_seqs, num_parts, min_part_units, topk,
+                     num_seqs, num_parts, min_part_units, topk, whole_capacity,
                      BLOCK_N: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, BLOCK_B: tl.constexpr,
-                     SPARSE: tl.constexpr):
+                     SPARSE: tl.constexpr, WAVE_SLACK: tl.constexpr):
     """The launch's work plan, made on the device from the lengths (one program; no host sync, so a
     serving loop can capture the whole decode in a CUDA graph).
 
@@ -88,9 +96,18 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
     holding its first unit). A (sequence, part) pair is a piece, the work of one program; pieces are
     numbered sequence by sequence in part order, and piece k writes its partial result to slot k.
     Per sequence this writes the unit its cost starts at, its first part, its split count and its
-    first piece; Totals = (per_part, total units, total pieces)."""
+    first piece; Totals = (per_part, total units, total pieces).
+
+    Whole sequences: a piece has a fixed cost (on the Hopper path 72 KB of Q, the pipeline's fill,
+    the partial write and the merge), so when one piece per sequence would keep the SMs busy anyway
+    it is cheaper not to cut. `whole_capacity` is the number of sequences the waves of whole-sequence
+    programs hold (0: never whole); if the batch's units fill that capacity at the longest
+    sequence's cost to within WAVE_SLACK (equal lengths that fill their waves do, a spread of
+    lengths mostly does not), every sequence gets a part of its own: per_part = the longest cost and
+    sequence i's units start at i·per_part."""
     offs = tl.arange(0, BLOCK_B)
     total = tl.full([], 0, tl.int32)
+    longest = tl.full([], 0, tl.int32)
     for first in range(0, num_seqs, BLOCK_B):
         seq = first + offs
         ok = seq < num_seqs
@@ -101,15 +118,19 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
         units = tl.where(ok, OVERHEAD_UNITS + tl.cdiv(length, BLOCK_N), 0)
         tl.store(SeqStart + seq, total + tl.cumsum(units, 0) - units, mask=ok)
         total += tl.sum(units, 0)
-    per_part = tl.maximum(tl.cdiv(total, num_parts), min_part_units)
+        longest = tl.maximum(longest, tl.max(units, 0))
+    threshold = (1.0 - WAVE_SLACK) * whole_capacity * longest.to(tl.float32)
+    whole = (total.to(tl.float32) >= threshold) & (threshold > 0.0)
+    per_part = tl.where(whole, longest, tl.maximum(tl.cdiv(total, num_parts), min_part_units))
     tl.store(Totals, per_part)
-    tl.store(Totals + 1, total)
+    tl.store(Totals + 1, tl.where(whole, num_seqs * longest, total))
     tl.debug_barrier()  # the starts written above are read back by other threads
     slots = tl.full([], 0, tl.int32)
     for first in range(0, num_seqs, BLOCK_B):
         seq = first + offs
         ok = seq < num_seqs
-        start = tl.load(SeqStart + seq, mask=ok, other=0)
+        start = tl.where(whole, seq * longest, tl.load(SeqStart + seq, mask=ok, other=0))
+        tl.store(SeqStart + seq, start, mask=ok)  # unchanged unless whole
         if SPARSE:
             length = tl.full([BLOCK_B], topk, tl.int32)
         else:
@@ -231,16 +252,17 @@ def _split_kernel(Q, Cache, Scales, Rope, KScale, BlockTable, SeqLens, Indices, 
 def _merge_kernel(OutPart, LsePart, SeqSplits, SeqSlot, Sink, Out, Lse, num_rows, h_q, s_q,
                   stride_ob, stride_os, stride_oh, stride_od,
                   stride_lb, stride_lh, stride_ls,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_C: tl.constexpr, SPARSE: tl.constexpr, ATTN_SINK: tl.constexpr,
-                  FINAL_IN_SPLIT: tl.constexpr):
-    """One query row of one sequence, BLOCK_C output columns: the splits' partial outputs weighted
-    by 2^(lse_split - max), in slot order (bit-reproducible); empty splits (lse -inf) contribute
-    nothing; an all-empty row gives out 0 and lse -inf. A sequence of one split is copied (weight
-    2^0 = 1: the same bits as storing it directly), unless the split kernel stored it itself
-    (FINAL_IN_SPLIT)."""
+                  HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr,
+                  SPARSE: tl.constexpr, ATTN_SINK: tl.constexpr, FINAL_IN_SPLIT: tl.constexpr):
+    """One query row of one sequence, COLUMNS output columns (BLOCK_C at a time): the splits' partial
+    outputs weighted by 2^(lse_split - max). BLOCK_S splits are loaded at once (one vector of lse,
+    one [BLOCK_S, BLOCK_C] tile of partials), so a long sequence cut into a wave of parts costs a few
+    loads, not one dependent load per split; the sums run in a fixed order (bit-reproducible).
+    Empty splits (lse -inf) get weight 0 and their partials are never read; an all-empty row gives
+    out 0 and lse -inf. A sequence of one split is copied (weight 2^0 = 1: the same bits as storing
+    it directly), unless the split kernel stored it itself (FINAL_IN_SPLIT)."""
     row = tl.program_id(0)
     seq = tl.program_id(1)
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     splits = tl.load(SeqSplits + seq)
     if (splits > 1) or (not FINAL_IN_SPLIT):
         pid_b = seq.to(tl.int64)
@@ -253,26 +275,41 @@ def _merge_kernel(OutPart, LsePart, SeqSplits, SeqSlot, Sink, Out, Lse, num_rows
             query = row // h_q
             head = row % h_q
         first_row = tl.load(SeqSlot + seq).to(tl.int64) * num_rows + row
+        offs_s = tl.arange(0, BLOCK_S)
         m = tl.full([], float("-inf"), tl.float32)
-        for split in range(0, splits):
-            m = tl.maximum(m, tl.load(LsePart + first_row + split * num_rows))
+        for chunk in range(0, splits, BLOCK_S):
+            lse = tl.load(LsePart + first_row + (chunk + offs_s) * num_rows, mask=chunk + offs_s < splits,
+                          other=float("-inf"))
+            m = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         total = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for split in range(0, splits):
-            part_row = first_row + split * num_rows
-            weight = tl.math.exp2(tl.load(LsePart + part_row) - m_safe)
-            o = tl.load(OutPart + part_row * HEAD_DIM_V + cols, mask=cols < HEAD_DIM_V, other=0.0)
-            total += weight
-            acc += tl.where(weight > 0.0, weight * o, 0.0)  # an empty split's partial is never read into acc
+        for chunk in range(0, splits, BLOCK_S):
+            lse = tl.load(LsePart + first_row + (chunk + offs_s) * num_rows, mask=chunk + offs_s < splits,
+                          other=float("-inf"))
+            total += tl.sum(tl.math.exp2(lse - m_safe), 0)
         has_key = total > 0.0
-        out = acc / tl.where(has_key, total, 1.0)
         lse2 = tl.where(has_key, m_safe + tl.math.log2(tl.where(has_key, total, 1.0)), float("-inf"))
+        denominator = tl.where(has_key, total, 1.0)
+        sink_factor = 1.0
         if ATTN_SINK:  # out · 1 / (1 + 2^(sink·log2 e − lse₂)); lse unchanged
             sink = tl.load(Sink + head)
-            out = out * tl.where(has_key, 1.0 / (1.0 + tl.math.exp2(sink * LOG2E_C - lse2)), 0.0)
-        tl.store(Out + batch * stride_ob + query * stride_os + head * stride_oh + cols * stride_od,
-                 out.to(Out.dtype.element_ty), mask=cols < HEAD_DIM_V)
+            sink_factor = tl.where(has_key, 1.0 / (1.0 + tl.math.exp2(sink * LOG2E_C - lse2)), 0.0)
+        out_row = Out + batch * stride_ob + query * stride_os + head * stride_oh
+        for c in tl.static_range(0, COLUMNS, BLOCK_C):
+            cols = tl.program_id(2) * COLUMNS + c + tl.arange(0, BLOCK_C)
+            acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for chunk in range(0, splits, BLOCK_S):
+                split = chunk + offs_s
+                weight = tl.math.exp2(tl.load(LsePart + first_row + split * num_rows, mask=split < splits,
+                                              other=float("-inf")) - m_safe)
+                part_rows = first_row + split * num_rows
+                o = tl.load(OutPart + part_rows[:, None] * HEAD_DIM_V + cols[None, :],
+                            mask=(weight > 0.0)[:, None] & (cols < HEAD_DIM_V)[None, :], other=0.0)
+                acc += tl.sum(weight[:, None] * o, 0)
+            out = acc / denominator
+            if ATTN_SINK:
+                out = out * sink_factor
+            tl.store(out_row + cols * stride_od, out.to(Out.dtype.element_ty), mask=cols < HEAD_DIM_V)
         if tl.program_id(2) == 0:
             tl.store(Lse + batch * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2)
 
@@ -295,6 +332,7 @@ class DecodePlan:
     num_parts: int  # parts (programs per row group) the units of all sequences are cut into
     min_part_units: int  # a part covers at least this many units, so pieces are not too short
     hopper: bool = False  # the split kernel is hopper_decode's (Gluon, sm_90a) rather than the tl one
+    whole_capacity: float = 0.0  # sequences the waves of whole-sequence programs hold (0: always cut)
 
 
 def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int,
@@ -314,22 +352,22 @@ def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Te
         return DecodePlan(config=config, num_parts=num_parts, min_part_units=1, hopper=hopper)
     groups = triton.cdiv(num_rows, config.block_m)
     wave = config.resident_per_sm * _sm_count(q.device)
+    min_part_units = _overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n)
     if hopper:
         # a piece's fixed cost (72 KB of Q, the pipeline's fill, the partial write and merge) is a
-        # tile or more: whole sequences when they fill the waves, else one wave of parts
-        if _whole_waves(b * groups, wave):
-            return DecodePlan(config=config, num_parts=1, min_part_units=1, hopper=True)
-        return DecodePlan(config=config, num_parts=max(1, wave // groups),
-                          min_part_units=_overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n),
-                          hopper=True)
-    return DecodePlan(config=config, num_parts=max(1, WAVES * wave // groups),
-                      min_part_units=_overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n))
+        # tile or more: whole sequences when the lengths fill the waves (decided on the device from
+        # the lengths: `_schedule_kernel`), else one wave of parts; WAVES waves for a few rows,
+        # whose partial results are small (pieces are programs, not SMs: smaller ones even out)
+        waves = WAVES if num_rows <= SMALL_PARTIAL_ROWS else 1
+        return DecodePlan(config=config, num_parts=max(1, waves * wave // groups), min_part_units=min_part_units,
+                          hopper=True, whole_capacity=whole_capacity(b * groups, wave, groups))
+    return DecodePlan(config=config, num_parts=max(1, WAVES * wave // groups), min_part_units=min_part_units)
 
 
-def _whole_waves(programs: int, wave: int) -> bool:
-    """Whether `programs` equal programs fill their waves of `wave` slots to within WAVE_SLACK."""
-    waves = triton.cdiv(programs, wave)
-    return programs > 0 and programs >= (1 - WAVE_SLACK) * waves * wave
+def whole_capacity(programs: int, wave: int, groups: int) -> float:
+    """How many sequences fit in the waves that `programs` whole-sequence programs (`groups` per
+    sequence) take up, `wave` programs a wave."""
+    return triton.cdiv(programs, wave) * wave / groups
 
 
 def _hopper_supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim_v: int) -> bool:
@@ -361,9 +399,10 @@ def schedule_decode(cache_seqlens: torch.Tensor, num_seqs: int, plan: DecodePlan
     totals = schedule[4 * num_seqs:]
     block_n = plan.config.block_n
     _schedule_kernel[(1,)](cache_seqlens, parts[0], parts[1], parts[2], parts[3], totals,
-                           num_seqs, plan.num_parts, plan.min_part_units, topk or 0,
+                           num_seqs, plan.num_parts, plan.min_part_units, topk or 0, float(plan.whole_capacity),
                            BLOCK_N=block_n, OVERHEAD_UNITS=_overhead_units(plan.config),
-                           BLOCK_B=_schedule_block(num_seqs), SPARSE=topk is not None, num_warps=4)
+                           BLOCK_B=_schedule_block(num_seqs), SPARSE=topk is not None, WAVE_SLACK=WAVE_SLACK,
+                           num_warps=4)
     return parts[0], parts[1], parts[2], parts[3], totals
 
 
@@ -424,13 +463,10 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     schedule = schedule_decode(cache_seqlens, num_seqs, plan, topk=indices.shape[-1] if sparse else None)
     seq_splits, seq_slot = schedule[1], schedule[2]
     hopper = plan.hopper and kv_format == "native" and not sparse and attn_sink is None
-    # one part: every sequence is one piece, which the Hopper kernel stores as the final result
-    whole_sequences = hopper and num_parts == 1
     # a part boundary inside a sequence adds one piece: at most num_seqs + num_parts - 1 pieces
-    slots = 0 if whole_sequences else num_seqs + num_parts
+    slots = num_seqs + num_parts
     out_part = torch.empty(slots, num_rows, head_dim_v, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(slots, num_rows, dtype=torch.float32, device=q.device)
-    block_v = _pow2_at_least(head_dim_v)
     if hopper:  # writes a sequence's only piece as the final result itself
         from mla_verify.kernels import hopper_decode
 
@@ -439,16 +475,17 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     else:  # writes every piece as a partial result
         _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plan, kv_format,
                       k_scale, indices, out_part, lse_part, schedule)
-    if whole_sequences:
-        return out, lse
-    merge_cols = min(block_v, MERGE_COLUMNS)
-    _merge_kernel[(num_rows, num_seqs, triton.cdiv(head_dim_v, merge_cols))](
+    # a program a row and MERGE_COLUMNS columns when rows are few (b = 1), a whole row when they fill the GPU
+    block_v = _pow2_at_least(head_dim_v)
+    block_c = min(block_v, MERGE_COLUMNS)
+    columns = block_v if num_rows * num_seqs >= MERGE_ROWS_PER_SM * _sm_count(q.device) else block_c
+    _merge_kernel[(num_rows, num_seqs, triton.cdiv(head_dim_v, columns))](
         out_part, lse_part, seq_splits, seq_slot, attn_sink if attn_sink is not None else q, out, lse,
         num_rows, h_q, s_q,
         *out.stride(),
         *lse.stride(),
-        HEAD_DIM_V=head_dim_v, BLOCK_C=merge_cols, SPARSE=sparse, ATTN_SINK=attn_sink is not None,
-        FINAL_IN_SPLIT=hopper, num_warps=max(1, merge_cols // 128),
+        HEAD_DIM_V=head_dim_v, BLOCK_S=min(MERGE_SPLITS, _pow2_at_least(num_parts, 2)), BLOCK_C=block_c,
+        COLUMNS=columns, SPARSE=sparse, ATTN_SINK=attn_sink is not None, FINAL_IN_SPLIT=hopper, num_warps=4,
     )
     return out, lse
 
