@@ -25,9 +25,9 @@ sparse paths, masking) are triton_decode's; what differs is how the work is cut 
 4. the plan, from shapes alone: parts = WAVES · R · SMs / row groups (R the config's programs
    resident per SM), each at least MIN_SPLIT_TOKENS keys' worth of work. On the Hopper path a
    piece costs a tile or more of fixed work (72 KB of Q, the pipeline's fill, the partial write
-   and merge): one piece per sequence (no merge) when the lengths fill the waves of the
-   sequences' programs to within WAVE_SLACK (the schedule kernel decides), else one wave of parts
-   (WAVES waves for at most SMALL_PARTIAL_ROWS rows). `launch_decode` with a
+   and merge): one piece per sequence (no merge) when the batch's work would keep the GPU busy
+   for at least WHOLE_FILL of its longest sequence's time (the schedule kernel decides), else one
+   wave of parts (WAVES waves for at most SMALL_PARTIAL_ROWS rows). `launch_decode` with a
    plan made ahead reads no tensor on the host: a serving loop can capture schedule, split and
    merge in one CUDA graph.
 
@@ -65,8 +65,10 @@ MIN_SPLIT_TOKENS = 128
 OVERHEAD_TOKENS = 64
 # Parts per resident program slot: pieces of about a third of a wave keep the last wave short.
 WAVES = 3
-# The Hopper plan runs whole sequences when they leave at most this share of their last wave idle.
-WAVE_SLACK = 0.125
+# The Hopper path runs whole sequences when the batch's work spread over one wave lasts at least this
+# share of the longest sequence's time (H200, benchmarks/triton_decode_results.md: cut pieces cost
+# more than the idle tail of whole ones down to about half).
+WHOLE_FILL = 0.5
 # The Hopper plan cuts into WAVES waves of parts, not one, for at most this many query rows.
 SMALL_PARTIAL_ROWS = 32
 # The merge's tile: this many splits × output columns at once.
@@ -82,9 +84,9 @@ MERGE_ROWS_PER_SM = 4
 
 @triton.jit
 def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals,
-                     num_seqs, num_parts, min_part_units, topk, whole_capacity,
+                     num_seqs, num_parts, min_part_units, topk, wave_sequences,
                      BLOCK_N: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, BLOCK_B: tl.constexpr,
-                     SPARSE: tl.constexpr, WAVE_SLACK: tl.constexpr):
+                     SPARSE: tl.constexpr, WHOLE_FILL: tl.constexpr):
     """The launch's work plan, made on the device from the lengths (one program; no host sync, so a
     serving loop can capture the whole decode in a CUDA graph).
 
@@ -99,12 +101,12 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
     first piece; Totals = (per_part, total units, total pieces).
 
     Whole sequences: a piece has a fixed cost (on the Hopper path 72 KB of Q, the pipeline's fill,
-    the partial write and the merge), so when one piece per sequence would keep the SMs busy anyway
-    it is cheaper not to cut. `whole_capacity` is the number of sequences the waves of whole-sequence
-    programs hold (0: never whole); if the batch's units fill that capacity at the longest
-    sequence's cost to within WAVE_SLACK (equal lengths that fill their waves do, a spread of
-    lengths mostly does not), every sequence gets a part of its own: per_part = the longest cost and
-    sequence i's units start at i·per_part."""
+    the partial write and the merge), so when one piece per sequence keeps the SMs busy anyway it
+    is cheaper not to cut. `wave_sequences` is the number of sequences whose programs make one wave
+    (0: never whole). If the batch's units spread over it last at least WHOLE_FILL of the longest
+    sequence's units (total >= WHOLE_FILL · wave_sequences · longest), every sequence gets a part of
+    its own: per_part = the longest cost and sequence i's units start at i·per_part. Programs are
+    handed to SMs as SMs free up, so whole sequences of mixed lengths over several waves even out."""
     offs = tl.arange(0, BLOCK_B)
     total = tl.full([], 0, tl.int32)
     longest = tl.full([], 0, tl.int32)
@@ -119,7 +121,7 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
         tl.store(SeqStart + seq, total + tl.cumsum(units, 0) - units, mask=ok)
         total += tl.sum(units, 0)
         longest = tl.maximum(longest, tl.max(units, 0))
-    threshold = (1.0 - WAVE_SLACK) * whole_capacity * longest.to(tl.float32)
+    threshold = WHOLE_FILL * wave_sequences * longest.to(tl.float32)
     whole = (total.to(tl.float32) >= threshold) & (threshold > 0.0)
     per_part = tl.where(whole, longest, tl.maximum(tl.cdiv(total, num_parts), min_part_units))
     tl.store(Totals, per_part)
@@ -332,7 +334,7 @@ class DecodePlan:
     num_parts: int  # parts (programs per row group) the units of all sequences are cut into
     min_part_units: int  # a part covers at least this many units, so pieces are not too short
     hopper: bool = False  # the split kernel is hopper_decode's (Gluon, sm_90a) rather than the tl one
-    whole_capacity: float = 0.0  # sequences the waves of whole-sequence programs hold (0: always cut)
+    wave_sequences: float = 0.0  # sequences whose programs make one wave, for the whole rule (0: always cut)
 
 
 def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int,
@@ -360,14 +362,8 @@ def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Te
         # whose partial results are small (pieces are programs, not SMs: smaller ones even out)
         waves = WAVES if num_rows <= SMALL_PARTIAL_ROWS else 1
         return DecodePlan(config=config, num_parts=max(1, waves * wave // groups), min_part_units=min_part_units,
-                          hopper=True, whole_capacity=whole_capacity(b * groups, wave, groups))
+                          hopper=True, wave_sequences=wave / groups)
     return DecodePlan(config=config, num_parts=max(1, WAVES * wave // groups), min_part_units=min_part_units)
-
-
-def whole_capacity(programs: int, wave: int, groups: int) -> float:
-    """How many sequences fit in the waves that `programs` whole-sequence programs (`groups` per
-    sequence) take up, `wave` programs a wave."""
-    return triton.cdiv(programs, wave) * wave / groups
 
 
 def _hopper_supports(q: torch.Tensor, kv_cache: torch.Tensor, head_dim_v: int) -> bool:
@@ -399,9 +395,9 @@ def schedule_decode(cache_seqlens: torch.Tensor, num_seqs: int, plan: DecodePlan
     totals = schedule[4 * num_seqs:]
     block_n = plan.config.block_n
     _schedule_kernel[(1,)](cache_seqlens, parts[0], parts[1], parts[2], parts[3], totals,
-                           num_seqs, plan.num_parts, plan.min_part_units, topk or 0, float(plan.whole_capacity),
+                           num_seqs, plan.num_parts, plan.min_part_units, topk or 0, float(plan.wave_sequences),
                            BLOCK_N=block_n, OVERHEAD_UNITS=_overhead_units(plan.config),
-                           BLOCK_B=_schedule_block(num_seqs), SPARSE=topk is not None, WAVE_SLACK=WAVE_SLACK,
+                           BLOCK_B=_schedule_block(num_seqs), SPARSE=topk is not None, WHOLE_FILL=WHOLE_FILL,
                            num_warps=4)
     return parts[0], parts[1], parts[2], parts[3], totals
 
