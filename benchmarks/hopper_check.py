@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/hopper_check.py [--out DIR] [--no-bench] [--quick]
 
-1. Resources: the kernel compiled for this GPU (registers, spills, shared memory).
+1. Resources: the kernels compiled for this GPU (registers, spills, shared memory): the 8-warp kernel
+   and the few-rows kernel's 32- and 16-row tiles.
 2. Correctness: scheduled_decode's launch with the Hopper split kernel (its schedule and merge) against
    mla_verify's float64 reference (paged_decode_reference), beside the project's tl kernel on the same
    inputs. Cases: h 64
@@ -234,15 +235,17 @@ def bench(args, results):
 
 
 def resources(results):
-    c = hd.compile_for_sm90(torch.bfloat16, causal=False)
-    info = dict(shared=c.metadata.shared, num_warps=c.metadata.num_warps, triton=triton.__version__)
-    try:
-        c._init_handles()
-        info.update(n_regs=c.n_regs, n_spills=c.n_spills)
-    except Exception as e:  # noqa: BLE001
-        info["init_error"] = repr(e)
-    results["resources"] = info
-    log("resources:", info)
+    results["resources"] = {}
+    for rows in (hd.BLOCK_M, 32, 16):  # the 8-warp kernel, the few-rows kernel's two tiles
+        c = hd.compile_for_sm90(torch.bfloat16, causal=False, rows=rows)
+        info = dict(shared=c.metadata.shared, num_warps=c.metadata.num_warps, triton=triton.__version__)
+        try:
+            c._init_handles()
+            info.update(n_regs=c.n_regs, n_spills=c.n_spills)
+        except Exception as e:  # noqa: BLE001
+            info["init_error"] = repr(e)
+        results["resources"][rows] = info
+        log(f"resources, {rows} rows:", info)
 
 
 def main():

@@ -94,6 +94,8 @@ HEAD_DIM = 576
 HEAD_DIM_V = 512
 ROPE_DIM = HEAD_DIM - HEAD_DIM_V
 NUM_WARPS = 8  # two consumer warpgroups
+FEW_ROWS = 32  # at most this many query rows: the transposed one-warpgroup kernel, rows as the MMA's N
+FEW_ROWS_WARPGROUPS = {16: 1, 32: 2}  # one warpgroup's [512, 32] accumulator would spill
 NUM_STAGES = 2  # K ring depth: Q 72 KB + 2 × 72 KB + P 8 KB = 224 KB of the 227 KB an SM offers
 SUPPORTED_PAGE_SIZES = (64,)  # any multiple of BLOCK_N works by construction; only 64 is GPU-checked
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
@@ -315,6 +317,163 @@ def _hopper_split_kernel(
         gl.store(LsePart + piece.to(gl.int64) * num_rows + rows_s, lse2, mask=ok_s)
 
 
+@gluon.jit
+def _hopper_few_rows_kernel(
+        Q, lat_desc, rope_desc, BlockTable, SeqLens, Out, Lse, OutPart, LsePart,
+        SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals,
+        qk_scale, num_rows, h_q, s_q, num_seqs,
+        stride_qb, stride_qs, stride_qh,
+        stride_tb,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_lh, stride_ls,
+        PAGE_SIZE: gl.constexpr, CAUSAL: gl.constexpr, OVERHEAD_UNITS: gl.constexpr, BLOCK_B: gl.constexpr,
+        ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constexpr, ROPE_DIM: gl.constexpr,
+        NUM_STAGES: gl.constexpr, WARPGROUPS: gl.constexpr):
+    """The split kernel for at most ROWS (16 or 32) query rows, transposed: Sᵀ = K·Qᵀ ([64 keys, ROWS])
+    and Oᵀ += Vᵀ·Pᵀ ([512, ROWS]), so the keys fill the tensor cores' 64-row M extent and the few
+    query rows are N. Padding the rows to 64 instead (the 8-warp kernel) makes the tensor cores do
+    64/ROWS times the useful work, which at h = 16 costs more time than the cache takes to stream.
+    With two warpgroups, each computes Sᵀ for half of the rows and Oᵀ for alternate 64-column
+    blocks of the output (all rows); the schedule, TMA ring, masking and epilogue are the 8-warp
+    kernel's."""
+    dtype: gl.constexpr = lat_desc.dtype
+    WARPS: gl.constexpr = 4 * WARPGROUPS
+
+    # -- layouts: warpgroups side by side over the rows (S) or stacked over the output columns (O) ----
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WARPGROUPS],
+                                                        instr_shape=[16, ROWS // WARPGROUPS, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                        instr_shape=[16, ROWS, 16])
+    key_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
+                                               warps_per_cta=[WARPS, 1], order=[1, 0])
+    # Oᵀ to global: 8 consecutive output columns a thread, a warp's lanes along the columns
+    out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[32, 1],
+                                                warps_per_cta=[1, WARPS], order=[0, 1])
+    q_lat_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM_V], dtype)
+    q_rope_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROPE_DIM], dtype)
+    p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
+
+    # -- which keys: piece `piece` of scheduled_decode's device schedule (as the 8-warp kernel) -------
+    piece = gl.program_id(1)
+    active = piece < gl.load(Totals + 2)
+    seq_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[WARPS],
+                                                order=[0])
+    firsts = gl.arange(0, BLOCK_B, layout=seq_layout)
+    firsts = gl.load(SeqSlot + firsts, mask=firsts < num_seqs, other=piece + 1)
+    seq = gl.sum((firsts <= piece).to(gl.int32), axis=0) - 1
+    splits = gl.load(SeqSplits + seq)
+    part = gl.load(SeqFirstPart + seq) + piece - gl.load(SeqSlot + seq)
+    per_part = gl.load(Totals)
+    unit_lo = part * per_part
+    unit_hi = gl.minimum(unit_lo + per_part, gl.load(Totals + 1))
+    pid_b = seq.to(gl.int64)
+    seq_len = gl.load(SeqLens + pid_b)
+    first_tile = gl.load(SeqStart + seq) + OVERHEAD_UNITS
+    start = gl.maximum(unit_lo - first_tile, 0) * BLOCK_N
+    end = gl.minimum(gl.minimum(unit_hi - first_tile, gl.cdiv(seq_len, BLOCK_N)) * BLOCK_N, seq_len)
+    end = gl.where(active, end, start)
+    n_tiles = gl.maximum(gl.cdiv(end - start, BLOCK_N), 0)
+    table_row = BlockTable + pid_b * stride_tb
+
+    # -- shared memory: Q (ROWS × 576), the K ring, Pᵀ stored as P [ROWS, 64] -------------------------
+    q_lat = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM_V], q_lat_layout)
+    q_rope = gl.allocate_shared_memory(dtype, [ROWS, ROPE_DIM], q_rope_layout)
+    k_lat = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM_V], lat_desc.layout)
+    k_rope = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, ROPE_DIM], rope_desc.layout)
+    p_smem = gl.allocate_shared_memory(dtype, [ROWS, BLOCK_N], p_smem_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    fence_async_shared()
+
+    for i in gl.static_range(NUM_STAGES):
+        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready,
+                         _block_id(table_row, start, i, n_tiles, PAGE_SIZE, BLOCK_N), start, i, n_tiles,
+                         PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+
+    q_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout))
+    q_ok = gl.expand_dims(q_rows < num_rows, 1)
+    q_ptr = gl.expand_dims(Q + pid_b * stride_qb + (q_rows // h_q) * stride_qs + (q_rows % h_q) * stride_qh, 1)
+    q_cols = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, io_layout)), 0)
+    for c in gl.static_range(HEAD_DIM_V // 64):
+        q_lat.slice(c * 64, 64, dim=1).store(gl.load(q_ptr + c * 64 + q_cols, mask=q_ok, other=0.0))
+    q_rope.store(gl.load(q_ptr + HEAD_DIM_V + q_cols, mask=q_ok, other=0.0))
+    fence_async_shared()
+    _cta_barrier()
+
+    # -- running state (per query row: axis 1 of Sᵀ and Oᵀ) ------------------------------------------
+    acc = gl.zeros([HEAD_DIM_V, ROWS], gl.float32, o_layout)  # unnormalised Oᵀ
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+    l_acc = gl.zeros([BLOCK_N, ROWS], gl.float32, s_layout)
+    s_zero = gl.zeros([BLOCK_N, ROWS], gl.float32, s_layout)
+    offs_n = gl.arange(0, BLOCK_N, layout=key_s)
+    if CAUSAL:
+        s_rows = gl.arange(0, ROWS, layout=row_s)
+        row_limit = gl.expand_dims(seq_len - s_q + s_rows // h_q + 1, 0)  # query i sees positions < this
+
+    for j in range(n_tiles):
+        stage = j % NUM_STAGES
+        tile_start = start + j * BLOCK_N
+        mbarrier.wait(ready.index(stage), (j // NUM_STAGES) & 1)
+        # -- Sᵀ = K·Qᵀ: latent then rope -------------------------------------------------------------
+        s = warpgroup_mma(k_lat.index(stage), q_lat.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma(k_rope.index(stage), q_rope.permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        # -- online softmax over the keys (axis 0), base 2 --------------------------------------------
+        pos = gl.expand_dims(tile_start + offs_n, 1)
+        visible = pos < end
+        if CAUSAL:
+            visible = visible & (pos < row_limit)
+        s = gl.where(visible, s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - gl.expand_dims(m_safe, 0))
+        l_acc = l_acc * gl.expand_dims(alpha, 0) + p
+        m_i = m_new
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 0)
+        if tile_start + BLOCK_N > end:  # the range's last, partial tile: zero V rows past `end`
+            _zero_tail_rows(k_lat.index(stage), end - tile_start, BLOCK_N, HEAD_DIM_V, 64, io_layout)
+        p_smem.store(gl.permute(p.to(dtype), (1, 0)))
+        fence_async_shared()
+        _cta_barrier()
+        # -- Oᵀ += Vᵀ·Pᵀ, V = the first 512 columns of the same K tile ----------------------------------
+        acc = warpgroup_mma(k_lat.index(stage).permute((1, 0)), p_smem.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        _cta_barrier()
+        refill_block = _block_id(table_row, start, j + NUM_STAGES, n_tiles, PAGE_SIZE, BLOCK_N)
+        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, refill_block, start, j + NUM_STAGES, n_tiles,
+                         PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    # -- epilogue: as the 8-warp kernel's, Oᵀ stored back as rows of out --------------------------------
+    l_i = gl.sum(l_acc, axis=0)
+    has_key = l_i > 0.0
+    l_safe = gl.where(has_key, l_i, 1.0)
+    lse2 = gl.where(has_key, m_i + gl.log2(l_safe), float("-inf"))
+    o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 0)
+    o = gl.convert_layout(o, out_layout)
+    rows_o = gl.expand_dims(gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_layout)), 0)
+    cols_o = gl.expand_dims(gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(1, out_layout)), 1)
+    ok_o = (rows_o < num_rows) & active
+    rows_s = gl.arange(0, ROWS, layout=row_s)
+    ok_s = (rows_s < num_rows) & active
+    if splits == 1:
+        out_ptr = Out + pid_b * stride_ob + (rows_o // h_q) * stride_os + (rows_o % h_q) * stride_oh + cols_o
+        gl.store(out_ptr, o.to(Out.dtype.element_ty), mask=ok_o)
+        lse_ptr = Lse + pid_b * stride_lb + (rows_s % h_q) * stride_lh + (rows_s // h_q) * stride_ls
+        gl.store(lse_ptr, lse2 * LN2, mask=ok_s)
+    else:
+        part_ptr = OutPart + (piece.to(gl.int64) * num_rows + rows_o) * HEAD_DIM_V + cols_o
+        gl.store(part_ptr, o, mask=ok_o)
+        gl.store(LsePart + piece.to(gl.int64) * num_rows + rows_s, lse2, mask=ok_s)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
@@ -380,8 +539,13 @@ def hopper_split_launch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     rows = _cache_rows(kv_cache)
     lat_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, HEAD_DIM_V], lat_layout)
     rope_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, ROPE_DIM], rope_layout)
-    grid = (triton.cdiv(num_rows, BLOCK_M), b + num_parts)
-    _hopper_split_kernel[grid](
+    if num_rows <= FEW_ROWS:
+        rows = few_rows_tile(num_rows)
+        groups = few_rows_warpgroups(rows)
+        kernel, rows, warps = _hopper_few_rows_kernel, dict(ROWS=rows, WARPGROUPS=groups), 4 * groups
+    else:
+        kernel, rows, warps = _hopper_split_kernel, dict(BLOCK_M=BLOCK_M), NUM_WARPS
+    kernel[(triton.cdiv(num_rows, BLOCK_M), b + num_parts)](
         q, lat_desc, rope_desc, block_table, cache_seqlens, out, lse, out_part, lse_part, *schedule,
         softmax_scale * LOG2E, num_rows, h_q, s_q, b,
         q.stride(0), q.stride(1), q.stride(2),
@@ -389,9 +553,19 @@ def hopper_split_launch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         out.stride(0), out.stride(1), out.stride(2),
         *lse.stride(),
         PAGE_SIZE=kv_cache.shape[1], CAUSAL=bool(causal), OVERHEAD_UNITS=overhead_units,
-        BLOCK_B=_batch_block(b), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM_V=HEAD_DIM_V, ROPE_DIM=ROPE_DIM,
-        NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS,
+        BLOCK_B=_batch_block(b), BLOCK_N=BLOCK_N, HEAD_DIM_V=HEAD_DIM_V, ROPE_DIM=ROPE_DIM,
+        NUM_STAGES=NUM_STAGES, num_warps=warps, **rows,
     )
+
+
+def few_rows_tile(num_rows: int) -> int:
+    """The N extent (query rows) of the few-rows kernel's tiles for this many rows."""
+    return 16 if num_rows <= 16 else FEW_ROWS
+
+
+def few_rows_warpgroups(rows: int) -> int:
+    """Warpgroups of the few-rows kernel for a tile of `rows` rows."""
+    return FEW_ROWS_WARPGROUPS[rows]
 
 
 def _batch_block(b: int) -> int:
@@ -409,9 +583,10 @@ def _descriptor_type(torch_dtype: torch.dtype, block_shape: list[int], layout) -
 
 
 def compile_for_sm90(torch_dtype: torch.dtype = torch.bfloat16, causal: bool = False, page_size: int = 64,
-                     batch: int = 128):
-    """Compile the split kernel for sm_90a with the installed Triton, without a GPU. Returns Triton's
-    compiled kernel (asm: ttgir/ptx/cubin; metadata: shared, num_warps, ...)."""
+                     batch: int = 128, rows: int = BLOCK_M):
+    """Compile the split kernel for sm_90a with the installed Triton, without a GPU: the 8-warp kernel,
+    or for rows <= FEW_ROWS the few-rows kernel. Returns Triton's compiled kernel (asm:
+    ttgir/ptx/cubin; metadata: shared, num_warps, ...)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -427,10 +602,14 @@ def compile_for_sm90(torch_dtype: torch.dtype = torch.bfloat16, causal: bool = F
         "stride_qb": i64, "stride_qs": i64, "stride_qh": i64, "stride_tb": i64,
         "stride_ob": i64, "stride_os": i64, "stride_oh": i64, "stride_lb": i64, "stride_lh": i64, "stride_ls": i64,
     }
+    few = rows <= FEW_ROWS
     constexprs = {"PAGE_SIZE": page_size, "CAUSAL": causal, "OVERHEAD_UNITS": 1, "BLOCK_B": _batch_block(batch),
-                  "BLOCK_M": BLOCK_M,
                   "BLOCK_N": BLOCK_N, "HEAD_DIM_V": HEAD_DIM_V, "ROPE_DIM": ROPE_DIM, "NUM_STAGES": NUM_STAGES}
+    tile = few_rows_tile(rows)
+    constexprs.update({"ROWS": tile, "WARPGROUPS": few_rows_warpgroups(tile)} if few else {"BLOCK_M": BLOCK_M})
     for key in constexprs:
         signature[key] = "constexpr"
-    src = GluonASTSource(fn=_hopper_split_kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    src = GluonASTSource(fn=_hopper_few_rows_kernel if few else _hopper_split_kernel, signature=signature,
+                         constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4 * few_rows_warpgroups(tile) if few else NUM_WARPS})
