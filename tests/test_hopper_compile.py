@@ -1,12 +1,13 @@
-"""The Gluon Hopper decode kernel (mla_verify.kernels.hopper_decode) compiles for sm_90a without a GPU.
+"""The Gluon Hopper decode kernels (mla_verify.kernels.hopper_decode) compile for sm_90a without a GPU.
 
-Runs on a CPU machine: Triton compiles for GPUTarget("cuda", 90, 32) with its own ptxas. What must hold:
-it compiles (bf16 and fp16, causal and not, a small and a large batch); its shared memory fits
-one block's 232,448 bytes; 8 warps; the PTX has TMA bulk tensor copies and wgmma; the SASS (read with the
-cuobjdump Triton's package carries, when present) has HGMMA, and with Triton 3.6, the GPU machine's
-version, where the kernel was measured, no stack frame and no local-memory spills. (Triton 3.9's build
-of the same source spills about 140 bytes of scalars: recorded, not failed.) The GPU check and timing
-are benchmarks/hopper_check.py.
+Runs on a CPU machine: Triton compiles for GPUTarget("cuda", 90, 32) with its own ptxas. What must hold,
+for the 8-warp kernel (64 query rows) and the few-rows kernel's 16- and 32-row tiles: it compiles
+(bf16 and fp16, causal and not, a small and a large batch); its shared memory fits one block's
+232,448 bytes and holds Q and two K stages; its warps; the PTX has TMA bulk tensor copies and wgmma;
+the SASS (read with the cuobjdump Triton's package carries, when present) has the HGMMA shapes the
+tiles imply, and with Triton 3.6, the GPU machine's version, where the kernels were measured, no
+stack frame and no local-memory spills. (Triton 3.9's build of the 8-warp kernel spills about 140
+bytes of scalars: recorded, not failed.) The GPU check and timing are benchmarks/hopper_check.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluo
 from mla_verify.kernels import hopper_decode as hd  # noqa: E402
 
 SMEM_LIMIT = 232448  # bytes one block may use on sm_90
-VARIANTS = [(torch.bfloat16, False, 128), (torch.float16, True, 4096)]  # (dtype, causal, batch)
+# (dtype, causal, batch, query rows)
+VARIANTS = [(torch.bfloat16, False, 128, 64), (torch.float16, True, 4096, 64), (torch.bfloat16, True, 128, 16),
+            (torch.float16, False, 4096, 9), (torch.bfloat16, True, 128, 32)]
+# per tile of rows: (warps, HGMMA shapes in the SASS, least shared memory: Q + two K stages + P)
+EXPECTED = {64: (8, ("HGMMA.64x256x16.F32", "HGMMA.64x32x16.F32"), 224 * 1024),  # P·V, Q·Kᵀ halves
+            16: (4, ("HGMMA.64x16x16.F32",), 16 * 576 * 2 + 2 * 64 * 576 * 2),  # Sᵀ and Oᵀ, N = 16 rows
+            32: (8, ("HGMMA.64x32x16.F32", "HGMMA.64x16x16.F32"), 32 * 576 * 2 + 2 * 64 * 576 * 2)}
 
 
 def _cuobjdump() -> str | None:
@@ -34,43 +41,49 @@ def _cuobjdump() -> str | None:
     return path if os.path.exists(path) else None
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{str(v[0])[6:]}-causal{int(v[1])}-b{v[2]}")
+def _tile(rows: int) -> int:
+    return hd.BLOCK_M if rows > hd.FEW_ROWS else hd.few_rows_tile(rows)
+
+
+@pytest.fixture(scope="module", params=VARIANTS,
+                ids=lambda v: f"{str(v[0])[6:]}-causal{int(v[1])}-b{v[2]}-rows{v[3]}")
 def compiled(request):
-    dtype, causal, batch = request.param
-    return hd.compile_for_sm90(dtype, causal=causal, batch=batch)
+    dtype, causal, batch, rows = request.param
+    return _tile(rows), hd.compile_for_sm90(dtype, causal=causal, batch=batch, rows=rows)
 
 
 def test_compiles_within_shared_memory(compiled):
-    shared = compiled.metadata.shared
-    # Q (72 KB) + two K stages (144 KB) + P (8 KB) at least, and within the block limit
-    assert 224 * 1024 <= shared <= SMEM_LIMIT, shared
-    assert compiled.metadata.num_warps == hd.NUM_WARPS == 8
+    tile, kernel = compiled
+    warps, _, least = EXPECTED[tile]
+    assert least <= kernel.metadata.shared <= SMEM_LIMIT, kernel.metadata.shared
+    assert kernel.metadata.num_warps == warps
 
 
 def test_ptx_uses_tma_and_wgmma(compiled):
-    ptx = compiled.asm["ptx"]
+    ptx = compiled[1].asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx  # TMA copies of the cache tiles
     assert "wgmma.mma_async" in ptx  # warpgroup MMA
     assert "mbarrier" in ptx
 
 
 def test_sass_has_hgmma_and_no_spills(compiled):
+    tile, kernel = compiled
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("Triton's package carries no cuobjdump here")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
+            f.write(kernel.asm["cubin"])
         sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True,
                                check=True).stdout
-    assert "HGMMA.64x256x16.F32" in sass  # P·V: each warpgroup's 64 × 256 half of O
-    assert "HGMMA.64x32x16.F32" in sass  # Q·Kᵀ: each warpgroup's 64 × 32 half of S
+    for shape in EXPECTED[tile][1]:
+        assert shape in sass, shape
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     spills = len(re.findall(r"\b(?:LDL|STL)\b", sass))
-    if triton.__version__.startswith("3.6"):
+    if triton.__version__.startswith("3.6") or tile <= hd.FEW_ROWS:  # the few-rows kernels spill in neither
         assert stack == 0 and spills == 0, usage
     else:
         if stack or spills:
@@ -93,3 +106,8 @@ def test_supports_declines_batches_past_its_sequence_search():
     assert hd._batch_block(hd.MAX_BATCH) == hd.MAX_BATCH
     q = torch.zeros(hd.MAX_BATCH + 1, 1, 64, 576, dtype=torch.bfloat16)
     assert not hd.supports(q, torch.zeros(4, 64, 1, 576, dtype=torch.bfloat16), 512)
+
+
+def test_few_rows_take_the_smallest_tile_that_holds_them():
+    assert [hd.few_rows_tile(rows) for rows in (1, 9, 16, 17, 32)] == [16, 16, 16, 32, 32]
+    assert all(hd.few_rows_tile(rows) >= rows for rows in range(1, hd.FEW_ROWS + 1))

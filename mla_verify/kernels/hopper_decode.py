@@ -1,16 +1,18 @@
-"""Absorbed MLA decode for Hopper (sm_90a), written in Triton's Gluon dialect: the compute-bound case.
+"""Absorbed MLA decode for Hopper (sm_90a), written in Triton's Gluon dialect.
 
 The portable kernel (mla_verify.kernels.triton_decode) is plain `tl` code; on an H200 it reaches about a
 third of the bf16 matmul rate when many query rows share each cache tile (h·s_q ≥ 64), because its
 [64, 512] fp32 accumulator spills at one program per SM and the three stages of a tile (Q·Kᵀ, softmax,
-P·V) run strictly one after the other. This module replaces that kernel's split kernel in exactly that
-case; scheduled_decode's `launch_decode` picks it when `supports` says so, with the same device schedule
-(one program per piece: 64 query rows × one key range of one sequence) and the same merge:
+P·V) run strictly one after the other; with few rows it gathers the paged cache through registers
+(no cp.async) and stays near two thirds of the copy bandwidth. This module replaces that kernel's
+split kernel on Hopper; scheduled_decode's `launch_decode` picks it when `supports` says so, with the
+same device schedule (one program per piece: up to 64 query rows × one key range of one sequence)
+and the same merge:
 
     supports(q, kv_cache, head_dim_v, ...) -> bool        may this path run these inputs?
     hopper_split_launch(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, out, lse,
                         out_part, lse_part, schedule, num_parts, overhead_units)
-    compile_for_sm90(dtype, causal)                       ahead-of-time compile, no GPU needed
+    compile_for_sm90(dtype, causal, rows=64)              ahead-of-time compile, no GPU needed
 
 What one program does (read `_hopper_split_kernel` top to bottom):
 
@@ -53,15 +55,24 @@ expects). Query rows past h_q·s_q (the last row group) are loaded as zeros and 
 Scope (`supports`): CUDA sm_90, bf16/fp16 q and a native cache of the same dtype, d = 576 and
 head_dim_v = 512, page_size 64, a cache whose rows are contiguous and page blocks adjacent (block
 stride = page_size · row stride, 16-byte aligned), q with unit stride along d, at most MAX_BATCH
-sequences, no FP8, sparse indices or attention sinks. Fewer than 64 query rows (h_q·s_q ≤ 32: MTP
-at TP8/TP16) are padded to 64 with zero rows, as FlashMLA pads them: the tensor cores do 2-4× the
-useful work, but the memory-bound loop is fed by TMA instead of the tl kernel's register-routed
-gather (benchmarks/decode_bench_h200.md measures both). Anything else: the
+sequences, no FP8, sparse indices or attention sinks. Anything else: the
 caller falls back to the tl kernel. (Pages of 128, 192, ... take the same code path, a tile never
 crossing a page, but have not been run on a GPU yet; SUPPORTED_PAGE_SIZES widens when they have.)
 
-Compiles with Triton 3.6 (the GPU machine: 239–240 registers, no spills, 229,904 bytes of shared memory)
-and 3.9 (CI; its build spills ~144 bytes of scalars, not measured on a GPU); the few API differences are
+Few query rows (h_q·s_q ≤ FEW_ROWS = 32: h = 16 at TP8, MTP with s_q = 2): `_hopper_few_rows_kernel`,
+the same program transposed. Padding 16 rows to 64, as FlashMLA does, makes the tensor cores do 4×
+the useful work, and on an H200 that work (with the softmax between the two products) took longer
+than streaming the cache: 674 µs at h = 16, b = 128, L = 16384 against 567 µs transposed, which is
+the copy bandwidth (benchmarks/triton_decode_results.md). Transposed, the 64 keys of a tile are the
+wgmma's M and the rows its N (16 or 32): Sᵀ = K·Qᵀ [64, rows] with K straight from the TMA ring and
+Qᵀ a view of Q in shared memory, the softmax runs down the columns, and Oᵀ [512, rows] += Vᵀ·Pᵀ reads
+V from the same ring stage through a transposed view. One warpgroup for 16 rows; two for 32 (each
+takes half of the rows of Sᵀ and alternate 64-column blocks of Oᵀ; one warpgroup's [512, 32]
+accumulator would spill). Q takes 18 or 36 KB, so the ring still has two 72 KB stages.
+
+Compiles with Triton 3.6 (the GPU machine: 240–242 registers, no spills, 229,904 bytes of shared memory;
+the few-rows kernel 150 registers at 32 rows, 168,208 / 188,944 bytes) and 3.9 (CI; its build of the
+8-warp kernel spills ~144 bytes of scalars, not measured on a GPU); the few API differences are
 resolved once, in the compatibility block below.
 """
 
@@ -75,7 +86,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["supports", "hopper_split_launch", "compile_for_sm90", "BLOCK_M", "BLOCK_N", "NUM_WARPS"]
+__all__ = ["supports", "hopper_split_launch", "compile_for_sm90", "few_rows_tile", "BLOCK_M", "BLOCK_N", "NUM_WARPS",
+           "FEW_ROWS"]
 
 # ----------------------------------------------------------------------------------------------
 # Compatibility between Triton 3.6 and 3.9 (the only place that knows the difference)
@@ -525,7 +537,8 @@ def hopper_split_launch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
                         cache_seqlens: torch.Tensor, softmax_scale: float, causal: bool, out: torch.Tensor,
                         lse: torch.Tensor, out_part: torch.Tensor, lse_part: torch.Tensor,
                         schedule: tuple[torch.Tensor, ...], num_parts: int, overhead_units: int) -> None:
-    """Launch the split kernel over grid (cdiv(s_q·h_q, 64), b + num_parts): one program per piece of
+    """Launch the split kernel (the few-rows kernel for s_q·h_q <= FEW_ROWS) over grid (cdiv(s_q·h_q,
+    64), b + num_parts): one program per piece of
     scheduled_decode's device schedule (`schedule_decode`: seq_start, seq_splits, seq_slot,
     seq_first_part, totals, made with block_n = 64 and `overhead_units`). A piece that is its
     sequence's only one writes out [b, s_q, h_q, 512] (q.dtype) and lse [b, h_q, s_q] (float32,
