@@ -8,7 +8,8 @@ triton_decode it replaces) against the PyTorch baseline and the peers.
           int32-max unused block ids) judged by the suite's check_case (float64 reference on the
           GPU, derived error bound), plus bit-identical repeat calls.
 --sweep   times candidate configs and part counts on the headline shapes (what decode_config's
-          heuristic and the plan's constants were chosen from).
+          heuristic and the plan's constants were chosen from), and on few query rows the Hopper
+          few-rows kernel against the rows padded to 64 and against the tl kernel.
 default   the benchmark table: DeepSeek-V3 absorbed decode (d=576, head_dim_v=512), bf16, page 64,
           pages permuted, random data; h=16 (TP8) and h=128 (TP1); b in {1, 128}; L in {4096, 16384};
           s_q in {1, 2} (s_q=2 causal); fixed lengths (all = L) and varlen (uniform in [L/2, L]).
@@ -30,6 +31,7 @@ Bytes = latent cache read once (Σ lengths·d·2) + q + out; FLOP = 2·s_q·Σ l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -42,6 +44,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mla_verify.impls.torch_decode import torch_paged_decode  # noqa: E402
+from mla_verify.kernels import hopper_decode as hd  # noqa: E402
 from mla_verify.kernels import scheduled_decode as sd  # noqa: E402
 from mla_verify.kernels import triton_decode as td  # noqa: E402
 
@@ -282,16 +285,26 @@ def sweep() -> None:
                     results.append(f"failed: {type(error).__name__}: {str(error)[:80]}")
             name = f"{config.block_m} {config.block_n} {config.num_warps} {config.num_stages}" if config else "hopper"
             print(f"  {name}: " + " | ".join(results), flush=True)
-    # the Hopper kernel on few rows (padded to 64) against the tl kernel, each with its own plan
-    print("\nsweep: Hopper kernel (rows padded to 64) vs the tl kernel, plans their own", flush=True)
+    # few rows on Hopper: the transposed few-rows kernel (one or two warpgroups at 16 rows), the 8-warp
+    # kernel with the rows padded to 64, and the tl kernel; plans their own
+    print("\nsweep: few rows, graph µs (% of copy BW): few-rows kernel, rows padded to 64, tl kernel", flush=True)
+    copy_gbs = device_ceilings()[0]
     for h, b, length, s_q in ((16, 128, 16384, 1), (16, 128, 4096, 1), (16, 128, 4096, 2), (16, 1, 16384, 1),
-                              (32, 128, 4096, 1)):
+                              (32, 128, 4096, 1), (8, 128, 16384, 1), (16, 64, 16384, 1)):
         for varlen in (False, True):
-            tl_config = td.decode_config(torch.bfloat16, s_q * h, D, DV)
-            times = [graph_ms(lambda *a, c=c: prepare_triton(sd, *a, config=c), b, s_q, h, length, varlen, s_q > 1)
-                     for c in (None, tl_config)]
-            print(f"  h={h} b={b} L={length} s_q={s_q} varlen={varlen}: hopper {1e3 * times[0]:.1f} µs, "
-                  f"tl {1e3 * times[1]:.1f} µs (tl / hopper {times[1] / times[0]:.2f})", flush=True)
+            nbytes = traffic(*make_inputs(b, s_q, h, length, varlen, seed=0)[::3], h, s_q)[0]
+            variants = {"few-rows 1 wg": (hd.FEW_ROWS, 1), "few-rows 2 wg": (hd.FEW_ROWS, 2), "padded": (0, 1),
+                        "tl": None}
+            if s_q * h > 16:
+                del variants["few-rows 1 wg"]
+            cells = []
+            for name, rows in variants.items():
+                config = td.decode_config(torch.bfloat16, s_q * h, D, DV) if rows is None else None
+                with _hopper_rows(*(rows or (hd.FEW_ROWS, hd.FEW_ROWS_WARPGROUPS[16]))):
+                    ms = graph_ms(lambda *a, c=config: prepare_triton(sd, *a, config=c), b, s_q, h, length, varlen,
+                                  s_q > 1)
+                cells.append(f"{name} {1e3 * ms:.1f} ({100 * nbytes / ms / 1e6 / copy_gbs:.1f} %)")
+            print(f"  h={h} b={b} L={length} s_q={s_q} varlen={varlen}: " + " | ".join(cells), flush=True)
     # varlen on the Hopper kernel: how many parts when the device schedule cuts
     print("\nsweep: Hopper kernel, varlen, parts when cut (the plan's own: whole or one wave)", flush=True)
     for h, b, length in ((128, 128, 16384), (128, 128, 4096), (16, 128, 16384), (16, 128, 4096)):
@@ -314,6 +327,18 @@ def sweep() -> None:
 
         ms = graph_ms(prepare, 1, 1, 16, 16384, False, False)
         print(f"  min {min_tokens} keys: {1e3 * ms:.1f} µs", flush=True)
+
+
+@contextlib.contextmanager
+def _hopper_rows(few_rows: int, warpgroups_16: int):
+    """Temporarily route at most `few_rows` query rows to the few-rows kernel (0: pad every row count to
+    64 on the 8-warp kernel), with `warpgroups_16` warpgroups for its 16-row tile."""
+    saved = hd.FEW_ROWS, hd.FEW_ROWS_WARPGROUPS[16]
+    hd.FEW_ROWS, hd.FEW_ROWS_WARPGROUPS[16] = few_rows, warpgroups_16
+    try:
+        yield
+    finally:
+        hd.FEW_ROWS, hd.FEW_ROWS_WARPGROUPS[16] = saved
 
 
 # ----------------------------------------------------------------------------------------------

@@ -324,8 +324,8 @@ def test_hopper_plan_cuts_one_wave_and_offers_whole_sequences(monkeypatch):
     assert plan(128, 16).num_parts == 3 * 132 and plan(128, 16).wave_sequences == 132
     assert plan(1, 16).num_parts == 3 * 132 and plan(64, 1, s_q=2).num_parts == 3 * 132
     assert plan(1, 64).num_parts == 132  # 64 rows: one wave
-    # cut plans keep pieces of at least HOPPER_MIN_SPLIT_TOKENS keys (plus a piece's fixed cost)
-    assert plan(16, 128).min_part_units == sd._overhead_units(sd.HOPPER_CONFIG) + sd.HOPPER_MIN_SPLIT_TOKENS // 64
+    # cut plans keep pieces of at least MIN_SPLIT_TOKENS keys (plus a piece's fixed cost)
+    assert plan(16, 128).min_part_units == sd._overhead_units(sd.HOPPER_CONFIG) + sd.MIN_SPLIT_TOKENS // 64
     # the tl kernel's plan never takes whole sequences: its merge writes every result anyway
     monkeypatch.setattr(sd, "_hopper_supports", lambda *args: False)
     assert plan(128, 128).wave_sequences == 0

@@ -60,10 +60,6 @@ __all__ = ["scheduled_paged_decode", "paged_decode", "DecodePlan", "plan_decode"
 # A part covers at least this many keys' worth of work (except the last): below it the partial
 # results written and merged cost more than the parallelism gains.
 MIN_SPLIT_TOKENS = 128
-# The same for the Hopper kernels, whose pieces cost more to start (72 KB of Q for 64 rows, a TMA
-# pipeline to fill): at b = 1, L = 16384 on an H200, parts of 4 tiles ran in 22.1 µs (h=16) and
-# 35.3 µs (h=128) against 27.3 and 36.8 with parts of 2 and 3.
-HOPPER_MIN_SPLIT_TOKENS = 256
 # The fixed cost of a sequence (query load, epilogue, partial write and merge) in keys' worth of
 # work, counted in the plan beside its key tiles.
 OVERHEAD_TOKENS = 64
@@ -358,16 +354,15 @@ def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Te
         return DecodePlan(config=config, num_parts=num_parts, min_part_units=1, hopper=hopper)
     groups = triton.cdiv(num_rows, config.block_m)
     wave = config.resident_per_sm * _sm_count(q.device)
+    min_part_units = _overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n)
     if hopper:
         # a piece's fixed cost (72 KB of Q, the pipeline's fill, the partial write and merge) is a
         # tile or more: whole sequences when the lengths fill the waves (decided on the device from
         # the lengths: `_schedule_kernel`), else one wave of parts; WAVES waves for a few rows,
         # whose partial results are small (pieces are programs, not SMs: smaller ones even out)
         waves = WAVES if num_rows <= SMALL_PARTIAL_ROWS else 1
-        min_part_units = _overhead_units(config) + triton.cdiv(HOPPER_MIN_SPLIT_TOKENS, config.block_n)
         return DecodePlan(config=config, num_parts=max(1, waves * wave // groups), min_part_units=min_part_units,
                           hopper=True, wave_sequences=wave / groups)
-    min_part_units = _overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n)
     return DecodePlan(config=config, num_parts=max(1, WAVES * wave // groups), min_part_units=min_part_units)
 
 
