@@ -122,21 +122,16 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # ----------------------------------------------------------------------------------------------
 
 @gluon.jit
-def _block_id(table_row, start, tile, n_tiles, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr):
-    """The cache block holding tile `tile` of the range (0, and no block-table read, past the range)."""
-    pos = start + tile * BLOCK_N
-    return gl.load(table_row + pos // PAGE_SIZE, mask=tile < n_tiles, other=0)
-
-
-@gluon.jit
-def _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, block, start, tile, n_tiles,
+def _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, tile, n_tiles,
                      PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constexpr,
                      NUM_STAGES: gl.constexpr):
-    """TMA-copy tile `tile` of the range (keys start + tile·BLOCK_N ..., in cache block `block`) into ring
-    stage tile % NUM_STAGES; nothing (no copy, no expected bytes) when tile >= n_tiles."""
+    """TMA-copy tile `tile` of the range (keys start + tile·BLOCK_N ..., in the cache block the sequence's
+    block-table row names) into ring stage tile % NUM_STAGES; nothing (no block-table read, no copy,
+    no expected bytes) when tile >= n_tiles."""
     stage = tile % NUM_STAGES
     live = tile < n_tiles
     pos = start + tile * BLOCK_N
+    block = gl.load(table_row + pos // PAGE_SIZE, mask=live, other=0)
     row = block * PAGE_SIZE + pos % PAGE_SIZE  # a row of the [num_blocks·page_size, 576] cache view
     bar = ready.index(stage)
     mbarrier.expect(bar, lat_desc.block_type.nbytes + rope_desc.block_type.nbytes, pred=live)
@@ -163,6 +158,60 @@ def _zero_tail_rows(v_smem, valid, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constex
         chunk = v_smem.slice(c * CHUNK, CHUNK, dim=1)
         x = chunk.load(layout)
         chunk.store(gl.where(keep, x, gl.zeros_like(x)))
+
+
+@gluon.jit
+def _find_piece(piece, SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals, num_seqs,
+                OVERHEAD_UNITS: gl.constexpr, BLOCK_B: gl.constexpr, BLOCK_N: gl.constexpr, WARPS: gl.constexpr):
+    """Piece `piece` of scheduled_decode's device schedule (the grid has room for the most pieces there
+    can be; the rest are inactive, with an empty range): whether it is active, its sequence (the last
+    whose first piece is <= piece), that sequence's split count and length, and the key range
+    [start, end)."""
+    active = piece < gl.load(Totals + 2)
+    seq_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[WARPS],
+                                                order=[0])
+    firsts = gl.arange(0, BLOCK_B, layout=seq_layout)
+    firsts = gl.load(SeqSlot + firsts, mask=firsts < num_seqs, other=piece + 1)
+    seq = gl.sum((firsts <= piece).to(gl.int32), axis=0) - 1
+    splits = gl.load(SeqSplits + seq)
+    part = gl.load(SeqFirstPart + seq) + piece - gl.load(SeqSlot + seq)
+    per_part = gl.load(Totals)
+    unit_lo = part * per_part
+    unit_hi = gl.minimum(unit_lo + per_part, gl.load(Totals + 1))
+    seq_len = gl.load(SeqLens + seq.to(gl.int64))
+    first_tile = gl.load(SeqStart + seq) + OVERHEAD_UNITS
+    start = gl.maximum(unit_lo - first_tile, 0) * BLOCK_N
+    end = gl.minimum(gl.minimum(unit_hi - first_tile, gl.cdiv(seq_len, BLOCK_N)) * BLOCK_N, seq_len)
+    end = gl.where(active, end, start)
+    return active, seq, splits, seq_len, start, end
+
+
+@gluon.jit
+def _row_totals(l_acc, m_i, KEY_AXIS: gl.constexpr):
+    """Each row's softmax denominator (per-thread partial sums reduced over the keys; 1 for a row that
+    saw no key, whose output is then 0) and base-2 lse (-inf for no key)."""
+    l_i = gl.sum(l_acc, axis=KEY_AXIS)
+    has_key = l_i > 0.0
+    l_safe = gl.where(has_key, l_i, 1.0)
+    return l_safe, gl.where(has_key, m_i + gl.log2(l_safe), float("-inf"))
+
+
+@gluon.jit
+def _store_piece(o, lse2, rows_o, cols_o, ok_o, rows_s, ok_s, splits, piece, pid_b, Out, Lse, OutPart, LsePart,
+                 num_rows, h_q, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+                 HEAD_DIM_V: gl.constexpr):
+    """The piece's normalised result o (rows_o × cols_o, broadcast 2-D) and base-2 lse (rows_s): the
+    final out (q's dtype) and lse (natural log) when the piece is its sequence's only one, else the
+    float32 partial output and lse in the piece's own slot, for scheduled_decode's merge."""
+    if splits == 1:
+        out_ptr = Out + pid_b * stride_ob + (rows_o // h_q) * stride_os + (rows_o % h_q) * stride_oh + cols_o
+        gl.store(out_ptr, o.to(Out.dtype.element_ty), mask=ok_o)
+        lse_ptr = Lse + pid_b * stride_lb + (rows_s % h_q) * stride_lh + (rows_s // h_q) * stride_ls
+        gl.store(lse_ptr, lse2 * LN2, mask=ok_s)
+    else:
+        part_ptr = OutPart + (piece.to(gl.int64) * num_rows + rows_o) * HEAD_DIM_V + cols_o
+        gl.store(part_ptr, o, mask=ok_o)
+        gl.store(LsePart + piece.to(gl.int64) * num_rows + rows_s, lse2, mask=ok_s)
 
 
 @gluon.jit
@@ -198,24 +247,10 @@ def _hopper_split_kernel(
 
     # -- which rows, which keys: piece `piece` of scheduled_decode's device schedule --------------------
     pid_m = gl.program_id(0)  # row group (fastest: groups sharing cache tiles run side by side)
-    piece = gl.program_id(1)  # the grid has room for the most pieces there can be; the rest idle
-    active = piece < gl.load(Totals + 2)
-    seq_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[8],
-                                                order=[0])
-    firsts = gl.arange(0, BLOCK_B, layout=seq_layout)
-    firsts = gl.load(SeqSlot + firsts, mask=firsts < num_seqs, other=piece + 1)
-    seq = gl.sum((firsts <= piece).to(gl.int32), axis=0) - 1  # the last sequence whose first piece <= piece
-    splits = gl.load(SeqSplits + seq)
-    part = gl.load(SeqFirstPart + seq) + piece - gl.load(SeqSlot + seq)
-    per_part = gl.load(Totals)
-    unit_lo = part * per_part
-    unit_hi = gl.minimum(unit_lo + per_part, gl.load(Totals + 1))
+    piece = gl.program_id(1)
+    active, seq, splits, seq_len, start, end = _find_piece(piece, SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart,
+                                                           Totals, num_seqs, OVERHEAD_UNITS, BLOCK_B, BLOCK_N, 8)
     pid_b = seq.to(gl.int64)
-    seq_len = gl.load(SeqLens + pid_b)
-    first_tile = gl.load(SeqStart + seq) + OVERHEAD_UNITS
-    start = gl.maximum(unit_lo - first_tile, 0) * BLOCK_N
-    end = gl.minimum(gl.minimum(unit_hi - first_tile, gl.cdiv(seq_len, BLOCK_N)) * BLOCK_N, seq_len)
-    end = gl.where(active, end, start)
     if CAUSAL:  # no key past the group's last visible position
         last_query = gl.minimum(s_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // h_q)
         end = gl.minimum(end, seq_len - s_q + last_query + 1)
@@ -235,8 +270,7 @@ def _hopper_split_kernel(
 
     # -- stage K: the first NUM_STAGES tiles start loading now, behind the Q load ------------------------
     for i in gl.static_range(NUM_STAGES):
-        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready,
-                         _block_id(table_row, start, i, n_tiles, PAGE_SIZE, BLOCK_N), start, i, n_tiles,
+        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, i, n_tiles,
                          PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
 
     # -- stage Q: global -> registers -> swizzled shared memory (rows past num_rows as zeros) -------------
@@ -300,33 +334,21 @@ def _hopper_split_kernel(
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         # -- both warpgroups are done with this stage and with P: refill the stage with tile j + 2 -----
         _cta_barrier()
-        refill_block = _block_id(table_row, start, j + NUM_STAGES, n_tiles, PAGE_SIZE, BLOCK_N)
-        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, refill_block, start, j + NUM_STAGES, n_tiles,
+        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, j + NUM_STAGES, n_tiles,
                          PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
 
     for i in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(ready.index(i))
 
     # -- epilogue: normalise; a row that saw no key (l = 0) gets out 0 and lse -inf ----------------------
-    l_i = gl.sum(l_acc, axis=1)
-    has_key = l_i > 0.0
-    l_safe = gl.where(has_key, l_i, 1.0)
-    lse2 = gl.where(has_key, m_i + gl.log2(l_safe), float("-inf"))
+    l_safe, lse2 = _row_totals(l_acc, m_i, 1)
     o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 1)
-    rows_o = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
+    rows_o = gl.expand_dims(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o), 1)
     cols_o = gl.expand_dims(gl.arange(0, HEAD_DIM_V, layout=col_o), 0)
-    ok_o = gl.expand_dims((rows_o < num_rows) & active, 1)
     rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-    ok_s = (rows_s < num_rows) & active
-    if splits == 1:  # the only piece of its sequence: the final result
-        out_row = Out + pid_b * stride_ob + (rows_o // h_q) * stride_os + (rows_o % h_q) * stride_oh
-        gl.store(gl.expand_dims(out_row, 1) + cols_o, o.to(Out.dtype.element_ty), mask=ok_o)
-        lse_ptr = Lse + pid_b * stride_lb + (rows_s % h_q) * stride_lh + (rows_s // h_q) * stride_ls
-        gl.store(lse_ptr, lse2 * LN2, mask=ok_s)
-    else:  # one of its splits: the partial result in the piece's own slot, merged by scheduled_decode
-        part_row = OutPart + (piece.to(gl.int64) * num_rows + rows_o) * HEAD_DIM_V
-        gl.store(gl.expand_dims(part_row, 1) + cols_o, o, mask=ok_o)
-        gl.store(LsePart + piece.to(gl.int64) * num_rows + rows_s, lse2, mask=ok_s)
+    _store_piece(o, lse2, rows_o, cols_o, (rows_o < num_rows) & active, rows_s, (rows_s < num_rows) & active, splits,
+                 piece, pid_b, Out, Lse, OutPart, LsePart, num_rows, h_q, stride_ob, stride_os, stride_oh,
+                 stride_lb, stride_lh, stride_ls, HEAD_DIM_V)
 
 
 @gluon.jit
@@ -368,25 +390,11 @@ def _hopper_few_rows_kernel(
     q_rope_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROPE_DIM], dtype)
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
 
-    # -- which keys: piece `piece` of scheduled_decode's device schedule (as the 8-warp kernel) -------
+    # -- which keys: piece `piece` of scheduled_decode's device schedule ------------------------------
     piece = gl.program_id(1)
-    active = piece < gl.load(Totals + 2)
-    seq_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[WARPS],
-                                                order=[0])
-    firsts = gl.arange(0, BLOCK_B, layout=seq_layout)
-    firsts = gl.load(SeqSlot + firsts, mask=firsts < num_seqs, other=piece + 1)
-    seq = gl.sum((firsts <= piece).to(gl.int32), axis=0) - 1
-    splits = gl.load(SeqSplits + seq)
-    part = gl.load(SeqFirstPart + seq) + piece - gl.load(SeqSlot + seq)
-    per_part = gl.load(Totals)
-    unit_lo = part * per_part
-    unit_hi = gl.minimum(unit_lo + per_part, gl.load(Totals + 1))
+    active, seq, splits, seq_len, start, end = _find_piece(piece, SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart,
+                                                           Totals, num_seqs, OVERHEAD_UNITS, BLOCK_B, BLOCK_N, WARPS)
     pid_b = seq.to(gl.int64)
-    seq_len = gl.load(SeqLens + pid_b)
-    first_tile = gl.load(SeqStart + seq) + OVERHEAD_UNITS
-    start = gl.maximum(unit_lo - first_tile, 0) * BLOCK_N
-    end = gl.minimum(gl.minimum(unit_hi - first_tile, gl.cdiv(seq_len, BLOCK_N)) * BLOCK_N, seq_len)
-    end = gl.where(active, end, start)
     n_tiles = gl.maximum(gl.cdiv(end - start, BLOCK_N), 0)
     table_row = BlockTable + pid_b * stride_tb
 
@@ -402,8 +410,7 @@ def _hopper_few_rows_kernel(
     fence_async_shared()
 
     for i in gl.static_range(NUM_STAGES):
-        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready,
-                         _block_id(table_row, start, i, n_tiles, PAGE_SIZE, BLOCK_N), start, i, n_tiles,
+        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, i, n_tiles,
                          PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
 
     q_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout))
@@ -456,34 +463,22 @@ def _hopper_few_rows_kernel(
         acc = warpgroup_mma(k_lat.index(stage).permute((1, 0)), p_smem.permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         _cta_barrier()
-        refill_block = _block_id(table_row, start, j + NUM_STAGES, n_tiles, PAGE_SIZE, BLOCK_N)
-        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, refill_block, start, j + NUM_STAGES, n_tiles,
+        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, j + NUM_STAGES, n_tiles,
                          PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
 
     for i in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(ready.index(i))
 
     # -- epilogue: as the 8-warp kernel's, Oᵀ stored back as rows of out --------------------------------
-    l_i = gl.sum(l_acc, axis=0)
-    has_key = l_i > 0.0
-    l_safe = gl.where(has_key, l_i, 1.0)
-    lse2 = gl.where(has_key, m_i + gl.log2(l_safe), float("-inf"))
+    l_safe, lse2 = _row_totals(l_acc, m_i, 0)
     o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 0)
     o = gl.convert_layout(o, out_layout)
     rows_o = gl.expand_dims(gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_layout)), 0)
     cols_o = gl.expand_dims(gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(1, out_layout)), 1)
-    ok_o = (rows_o < num_rows) & active
     rows_s = gl.arange(0, ROWS, layout=row_s)
-    ok_s = (rows_s < num_rows) & active
-    if splits == 1:
-        out_ptr = Out + pid_b * stride_ob + (rows_o // h_q) * stride_os + (rows_o % h_q) * stride_oh + cols_o
-        gl.store(out_ptr, o.to(Out.dtype.element_ty), mask=ok_o)
-        lse_ptr = Lse + pid_b * stride_lb + (rows_s % h_q) * stride_lh + (rows_s // h_q) * stride_ls
-        gl.store(lse_ptr, lse2 * LN2, mask=ok_s)
-    else:
-        part_ptr = OutPart + (piece.to(gl.int64) * num_rows + rows_o) * HEAD_DIM_V + cols_o
-        gl.store(part_ptr, o, mask=ok_o)
-        gl.store(LsePart + piece.to(gl.int64) * num_rows + rows_s, lse2, mask=ok_s)
+    _store_piece(o, lse2, rows_o, cols_o, (rows_o < num_rows) & active, rows_s, (rows_s < num_rows) & active, splits,
+                 piece, pid_b, Out, Lse, OutPart, LsePart, num_rows, h_q, stride_ob, stride_os, stride_oh,
+                 stride_lb, stride_lh, stride_ls, HEAD_DIM_V)
 
 
 # ----------------------------------------------------------------------------------------------
