@@ -201,3 +201,34 @@ def test_check_of_an_unreadable_case_file_is_one_line_and_exit_2(tmp_path, capsy
     assert main(["check", "torch", "--case", str(tmp_path / "case.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert "expected a case.json" in err and len(err.splitlines()) == 1
+
+
+def test_a_failure_met_in_long_rows_is_reported_in_the_shortest_rows_that_show_it():
+    """The runner's last reduction (`_in_short_rows`): every row cut to 3, 17 or 130 keys, the first at
+    which the same signature still fails; else the case Hypothesis gave. Crashes are not retried."""
+    from mla_verify.certify.halves import CRASH, CaseFault, Fault
+    from mla_verify.certify.runner import _in_short_rows
+    from mla_verify.decode.case import DecodeCase
+
+    case = DecodeCase(dtype="float32", batch=2, s_q=1, heads=1, d=40, head_dim_v=32, page_size=16,
+                      lengths=(16384, 5), causal=False, regime="unit", scale="inverse_sqrt_d", permute_pages=False,
+                      strided_cache=False, extra_blocks=0, seed=0, layout_seed=0)
+    tried = []
+
+    def judge_failing_from(rows: int, kind: str = "nondeterminism"):
+        def judge(shorter):
+            tried.append(shorter.lengths)
+            if max(shorter.lengths) >= rows:
+                raise CaseFault(Fault(kind, "differs"), shorter)
+        return judge
+
+    found = CaseFault(Fault("nondeterminism", "differs"), case)
+    assert _in_short_rows(found, judge_failing_from(3)).case.lengths == (3, 3)
+    assert _in_short_rows(found, judge_failing_from(17)).case.lengths == (17, 5)
+    assert _in_short_rows(found, judge_failing_from(1000)) is found  # shows only in the long row
+    tried.clear()
+    assert _in_short_rows(found, judge_failing_from(3, kind="wrong output")) is found  # another bug: not this one
+    assert tried == [(3, 3), (17, 5), (130, 5)]
+    tried.clear()
+    crash = CaseFault(Fault(CRASH, "segfault"), case)
+    assert _in_short_rows(crash, judge_failing_from(3)) is crash and tried == []

@@ -102,18 +102,6 @@ def _run(impl: Implementation, prop_name: str, rounds: int = runner.MAX_SEARCH_R
     return _runs[key]
 
 
-# Caught, but the reported case is not small; the catch itself is still asserted. With Hypothesis
-# 6.170 at seed 0 the first failing example is a one-row float32 serving-scale case (16384 keys),
-# and of the failing examples met Hypothesis keeps the one with the shortest choice sequence: that
-# one. It cannot shrink out of the serving branch (with the serving flag off, its choices no longer
-# make a case), although its bug shows with 3 keys. Reordering the serving lengths so that short
-# rows come first lets it shrink, but changes the seed-0 draws so that two long-row mutants
-# (token_dropped_from_4096, late_rescale) go uncaught in 103 examples; not done.
-SHRINKS_ONLY_AT_SERVING_SCALE = {
-    "atomic_split_accumulation": "a serving-scale draw is reported and cannot shrink out of the serving branch",
-}
-
-
 def _small(case: DecodeCase, kernel: zoo.ZooKernel) -> list[str]:
     """What makes the shrunk case larger than a person should have to read."""
     problems = []
@@ -160,8 +148,6 @@ def test_mutant_is_caught(kernel):
         if failure["flaky"]:  # it depends on what the allocator returned: Hypothesis cannot shrink it reliably
             continue
         problems = _small(case, kernel)
-        if problems and kernel.name in SHRINKS_ONLY_AT_SERVING_SCALE:
-            pytest.xfail(f"{kernel.name} shrank only to {case.describe()}: {SHRINKS_ONLY_AT_SERVING_SCALE[kernel.name]}")
         assert not problems, f"{kernel.name} shrank only to {case.describe()}: {'; '.join(problems)}"
 
 
