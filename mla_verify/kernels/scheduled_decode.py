@@ -31,9 +31,10 @@ sparse paths, masking) are triton_decode's; what differs is how the work is cut 
    plan made ahead reads no tensor on the host: a serving loop can capture schedule, split and
    merge in one CUDA graph.
 
-On Hopper (sm_90) with bf16/fp16, d = 576/512, page 64, a native cache, no indices and no sink
-(fewer than 64 query rows padded to 64), the split kernel is hopper_decode's Gluon kernel (TMA, wgmma) on the same
-schedule, merged by the same merge (it stores a sequence's only piece as the final result itself).
+On Hopper (sm_90) with bf16/fp16, d = 576/512, page 64, a native cache, no indices and no sink, the
+split kernel is one of hopper_decode's Gluon kernels (TMA, wgmma; a transposed one for at most 32
+query rows) on the same schedule, merged by the same merge (it stores a sequence's only piece as the
+final result itself).
 
 Status: certified on the CPU through Triton's interpreter and on an H200 (thorough and default
 profiles; results/triton-scheduled/). Speed beside the fixed-split kernel and the peers:
