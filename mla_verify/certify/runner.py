@@ -221,20 +221,15 @@ def run_property(impl: Implementation | LayerImplementation, prop: DecodePropert
         finally:
             progress.case_done(report, plan["cases"])
 
-    def judge_quietly(case: object) -> None:
-        """The property on one case, outside the search's counts (CaseFault or CaseRefused on failure)."""
-        if isolated:
-            isolated.judge(impl, prop, case, device)
-        else:
-            half.judge(impl, prop, case, device)
+    def judge_once(case: object) -> tuple:
+        """The property on one case, in this process or the isolated child: (ratios, details), or
+        CaseFault / CaseRefused. Nothing counted."""
+        return (isolated or half).judge(impl, prop, case, device)
 
     def judge(case: object) -> None:
         failure = None
         try:
-            if isolated:
-                ratios, details = isolated.judge(impl, prop, case, device)
-            else:
-                ratios, details = half.judge(impl, prop, case, device)
+            ratios, details = judge_once(case)
         except CaseRefused as refused:
             if not strict:
                 report.declined += 1
@@ -294,7 +289,7 @@ def run_property(impl: Implementation | LayerImplementation, prop: DecodePropert
             found.setdefault(signature, entry)
     for signature, (failure, flaky) in found.items():
         if not flaky:
-            failure = _in_short_rows(failure, judge_quietly)
+            failure = _in_short_rows(failure, judge_once)
         fault = failure.fault
         entry = {"signature": signature, "kind": fault.kind, "message": fault.message, "ratio": fault.ratio,
                  "case": failure.case.to_dict(), "description": failure.description, "flaky": flaky,

@@ -547,12 +547,7 @@ def hopper_split_launch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     rows = _cache_rows(kv_cache)
     lat_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, HEAD_DIM_V], lat_layout)
     rope_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, ROPE_DIM], rope_layout)
-    if num_rows <= FEW_ROWS:
-        rows = few_rows_tile(num_rows)
-        groups = few_rows_warpgroups(rows)
-        kernel, rows, warps = _hopper_few_rows_kernel, dict(ROWS=rows, WARPGROUPS=groups), 4 * groups
-    else:
-        kernel, rows, warps = _hopper_split_kernel, dict(BLOCK_M=BLOCK_M), NUM_WARPS
+    kernel, rows, warps = _variant(num_rows)
     kernel[(triton.cdiv(num_rows, BLOCK_M), b + num_parts)](
         q, lat_desc, rope_desc, block_table, cache_seqlens, out, lse, out_part, lse_part, *schedule,
         softmax_scale * LOG2E, num_rows, h_q, s_q, b,
@@ -571,9 +566,14 @@ def few_rows_tile(num_rows: int) -> int:
     return 16 if num_rows <= 16 else FEW_ROWS
 
 
-def few_rows_warpgroups(rows: int) -> int:
-    """Warpgroups of the few-rows kernel for a tile of `rows` rows."""
-    return FEW_ROWS_WARPGROUPS[rows]
+def _variant(num_rows: int) -> tuple:
+    """The split kernel for this many query rows, its row constexprs and its warps: the few-rows kernel
+    (ROWS, WARPGROUPS) for at most FEW_ROWS rows, else the 8-warp kernel (BLOCK_M)."""
+    if num_rows <= FEW_ROWS:
+        tile = few_rows_tile(num_rows)
+        groups = FEW_ROWS_WARPGROUPS[tile]
+        return _hopper_few_rows_kernel, {"ROWS": tile, "WARPGROUPS": groups}, 4 * groups
+    return _hopper_split_kernel, {"BLOCK_M": BLOCK_M}, NUM_WARPS
 
 
 def _batch_block(b: int) -> int:
@@ -610,14 +610,11 @@ def compile_for_sm90(torch_dtype: torch.dtype = torch.bfloat16, causal: bool = F
         "stride_qb": i64, "stride_qs": i64, "stride_qh": i64, "stride_tb": i64,
         "stride_ob": i64, "stride_os": i64, "stride_oh": i64, "stride_lb": i64, "stride_lh": i64, "stride_ls": i64,
     }
-    few = rows <= FEW_ROWS
+    kernel, row_constexprs, warps = _variant(rows)
     constexprs = {"PAGE_SIZE": page_size, "CAUSAL": causal, "OVERHEAD_UNITS": 1, "BLOCK_B": _batch_block(batch),
                   "BLOCK_N": BLOCK_N, "HEAD_DIM_V": HEAD_DIM_V, "ROPE_DIM": ROPE_DIM, "NUM_STAGES": NUM_STAGES}
-    tile = few_rows_tile(rows)
-    constexprs.update({"ROWS": tile, "WARPGROUPS": few_rows_warpgroups(tile)} if few else {"BLOCK_M": BLOCK_M})
+    constexprs.update(row_constexprs)
     for key in constexprs:
         signature[key] = "constexpr"
-    src = GluonASTSource(fn=_hopper_few_rows_kernel if few else _hopper_split_kernel, signature=signature,
-                         constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4 * few_rows_warpgroups(tile) if few else NUM_WARPS})
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
