@@ -1,15 +1,18 @@
 """GPU check and benchmark of the Triton MLA decode kernels (scheduled_decode, beside the fixed-split
 triton_decode it replaces) against the PyTorch baseline and the peers.
 
-    PYTHONPATH=. python3 benchmarks/bench_decode.py [--check] [--sweep] [--no-bench] [--no-peers] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/bench_decode.py [--check] [--sweep [NAME ...]] [--no-bench] [--no-peers]
+                                                    [--out DIR]
 
 --check   correctness on the GPU: bf16/fp16/fp32 cases (widths 576/512, 288/256 and small ones,
           heads 1..128, s_q 1..8, pages 1..256, causal, strided cache, NaN-poisoned unused slots,
           int32-max unused block ids) judged by the suite's check_case (float64 reference on the
           GPU, derived error bound), plus bit-identical repeat calls.
---sweep   times candidate configs and part counts on the headline shapes (what decode_config's
-          heuristic and the plan's constants were chosen from), and on few query rows the Hopper
-          few-rows kernel against the rows padded to 64 and against the tl kernel.
+--sweep   times what the kernels' constants were chosen from (all sweeps, or those named):
+          configs       tl configs and part counts on the headline shapes (decode_config's heuristic);
+          few-rows      the Hopper few-rows kernel against the rows padded to 64 and the tl kernel;
+          whole-or-cut  the Hopper plan's whole sequences against one wave of parts (WHOLE_FILL);
+          batch-one     b = 1: the minimum part size.
 default   the benchmark table: DeepSeek-V3 absorbed decode (d=576, head_dim_v=512), bf16, page 64,
           pages permuted, random data; h=16 (TP8) and h=128 (TP1); b in {1, 128}; L in {4096, 16384};
           s_q in {1, 2} (s_q=2 causal); fixed lengths (all = L) and varlen (uniform in [L/2, L]).
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import statistics
@@ -256,8 +260,8 @@ def _row_line(r: dict, peers: dict, baseline: bool) -> str:
 # Config and plan sweep
 # ----------------------------------------------------------------------------------------------
 
-def sweep() -> None:
-    """Candidate configs and part counts (waves of resident slots) on the shapes the heuristic and
+def sweep_configs() -> None:
+    """Candidate tl configs and part counts (waves of resident slots) on the shapes the heuristic and
     the plan's constants are chosen for (GPU µs under graph replay)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     candidates = {
@@ -285,8 +289,11 @@ def sweep() -> None:
                     results.append(f"failed: {type(error).__name__}: {str(error)[:80]}")
             name = f"{config.block_m} {config.block_n} {config.num_warps} {config.num_stages}" if config else "hopper"
             print(f"  {name}: " + " | ".join(results), flush=True)
-    # few rows on Hopper: the transposed few-rows kernel (one or two warpgroups at 16 rows), the 8-warp
-    # kernel with the rows padded to 64, and the tl kernel; plans their own
+
+
+def sweep_few_rows() -> None:
+    """Few rows on Hopper: the transposed few-rows kernel (one or two warpgroups at 16 rows), the 8-warp
+    kernel with the rows padded to 64, and the tl kernel; plans their own."""
     print("\nsweep: few rows, graph µs (% of copy BW): few-rows kernel, rows padded to 64, tl kernel", flush=True)
     copy_gbs = device_ceilings()[0]
     for h, b, length, s_q in ((16, 128, 16384, 1), (16, 128, 4096, 1), (16, 128, 4096, 2), (16, 1, 16384, 1),
@@ -305,17 +312,30 @@ def sweep() -> None:
                                   s_q > 1)
                 cells.append(f"{name} {1e3 * ms:.1f} ({100 * nbytes / ms / 1e6 / copy_gbs:.1f} %)")
             print(f"  h={h} b={b} L={length} s_q={s_q} varlen={varlen}: " + " | ".join(cells), flush=True)
-    # varlen on the Hopper kernel: how many parts when the device schedule cuts
-    print("\nsweep: Hopper kernel, varlen, parts when cut (the plan's own: whole or one wave)", flush=True)
-    for h, b, length in ((128, 128, 16384), (128, 128, 4096), (16, 128, 16384), (16, 128, 4096)):
-        groups = triton.cdiv(h, 64)
-        results = [f"plan {1e3 * graph_ms(lambda *a: prepare_triton(sd, *a), b, 1, h, length, True, False):.1f}"]
-        for waves in (1, 2, 3):
-            parts = waves * sms // groups
-            ms = graph_ms(lambda *a, p=parts: prepare_triton(sd, *a, num_parts=p), b, 1, h, length, True, False)
-            results.append(f"{parts} parts {1e3 * ms:.1f}")
-        print(f"  h={h} b={b} L={length}: " + " | ".join(results) + " µs", flush=True)
-    # b = 1: how finely to cut one long sequence (the minimum part size)
+
+
+def sweep_whole_or_cut() -> None:
+    """The Hopper plan: whole sequences (a program each, no merge) or one wave of parts (a program
+    walking each part's pieces), and the device's choice between them (WHOLE_FILL)."""
+    print("\nsweep: Hopper kernel, graph µs: the plan's choice | whole sequences | one wave of parts", flush=True)
+    for h, b, length, s_q in ((16, 128, 16384, 1), (16, 128, 4096, 1), (16, 128, 4096, 2), (16, 64, 16384, 1),
+                              (16, 200, 4096, 1), (128, 128, 16384, 1), (128, 128, 4096, 1), (128, 128, 4096, 2),
+                              (128, 64, 4096, 1), (128, 200, 4096, 1)):
+        for varlen in (False, True):
+            cells = []
+            for name, fill in (("plan", None), ("whole", 0.0), ("cut", 1e30)):
+                def prepare(q, c, t, lens, causal, fill=fill):
+                    plan = sd.plan_decode(q, c, lens, DV)
+                    plan = plan if fill is None else dataclasses.replace(plan, whole_fill=fill)
+                    return lambda: sd.launch_decode(q, c, t, lens, DV, SCALE, causal, plan)
+
+                cells.append(f"{name} {1e3 * graph_ms(prepare, b, s_q, h, length, varlen, s_q > 1):.1f}")
+            print(f"  h={h} b={b} L={length} s_q={s_q} varlen={varlen}: " + " | ".join(cells), flush=True)
+
+
+def sweep_batch_one() -> None:
+    """b = 1 on the tl kernel: how finely to cut one long sequence (the minimum part size)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("\nsweep h=16 b=1 L=16384 s_q=1: min part size", flush=True)
     config = td.decode_config(torch.bfloat16, 16, D, DV)
     for min_tokens in (32, 64, 128, 256):
@@ -327,6 +347,10 @@ def sweep() -> None:
 
         ms = graph_ms(prepare, 1, 1, 16, 16384, False, False)
         print(f"  min {min_tokens} keys: {1e3 * ms:.1f} µs", flush=True)
+
+
+SWEEPS = {"configs": sweep_configs, "few-rows": sweep_few_rows, "whole-or-cut": sweep_whole_or_cut,
+          "batch-one": sweep_batch_one}
 
 
 @contextlib.contextmanager
@@ -417,7 +441,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="GPU correctness cases first")
     parser.add_argument("--quick-check", action="store_true", help="only a few bf16 d=576 check cases")
-    parser.add_argument("--sweep", action="store_true", help="time candidate configs and part counts")
+    parser.add_argument("--sweep", nargs="*", choices=sorted(SWEEPS), default=None,
+                        help="time candidate configs, kernels and plans (all sweeps, or the ones named)")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
     parser.add_argument("--no-peers", action="store_true", help="leave out vLLM and FlashMLA even if importable")
     parser.add_argument("--out", default=".", help="folder for decode_bench.md")
@@ -430,8 +455,9 @@ def main() -> None:
         for fn in (td.triton_paged_decode, sd.scheduled_paged_decode):
             print(f"check {fn.__module__}:", flush=True)
             ok = check(fn, quick=args.quick_check) and ok
-    if args.sweep:
-        sweep()
+    if args.sweep is not None:
+        for name in args.sweep or SWEEPS:
+            SWEEPS[name]()
     if args.no_bench:
         sys.exit(0 if ok else 1)
     baseline = td  # the fixed-split kernel the scheduled one replaces

@@ -7,8 +7,8 @@
 2. Correctness: scheduled_decode's launch with the Hopper split kernel (its schedule and merge) against
    mla_verify's float64 reference (paged_decode_reference), beside the project's tl kernel on the same
    inputs. Cases: h 64
-   and 128, and 1, 8, 16 (fewer than 64 rows, padded), s_q 1, 2 and 4 (causal), b 1..8 and 120-128
-   (the device schedule's whole-sequence branch), lengths 0, 1, 63, 64, 65, 1000, ... varied per
+   and 128, and 1, 8, 16 (fewer than 64 rows), s_q 1, 2 and 4 (causal), b 1..8, 120-128 (the device
+   schedule's whole-sequence branch) and 136-140 (one wave of parts, several sequences each), lengths 0, 1, 63, 64, 65, 1000, ... varied per
    sequence, pages permuted, unused block-table entries int32-max, NaN in every cache slot past a
    length and in every unused page, bf16 and fp16, part counts the plan's / 1 / 3 / 7. (Unwritten
    outputs are caught by the suite's poisoned allocator in `mla-verify certify`.) Reported: relative L2 error of out
@@ -128,6 +128,10 @@ CASES = [
     # batches that fill the waves: the plan's own run takes whole sequences (one piece each)
     (128, 1, 16, [300] * 127 + [0], False),
     (120, 2, 32, [130] * 120, True),
+    # more sequences than SMs, mixed lengths: the plan cuts one wave of parts, each program walking
+    # several sequences' pieces
+    (140, 1, 16, [(i * 37) % 700 for i in range(140)], False),
+    (136, 2, 64, [(i * 53) % 400 for i in range(136)], True),
 ]
 
 

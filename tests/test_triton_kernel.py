@@ -302,13 +302,10 @@ def test_scheduled_plan_reads_no_tensor():
 
 
 def test_hopper_plan_cuts_one_wave_and_offers_whole_sequences(monkeypatch):
-    """The Hopper kernel's plan (its shapes eligible; CPU tensors stand in): one wave of parts (three
-    for at most 32 rows), and the sequences one wave of whole-sequence programs holds, from which
-    the device schedule picks whole sequences when the lengths fill it (test_device_schedule_...).
-    The H200 runs behind it (benchmarks/triton_decode_results.md): at h=128, b=128, L=4096 whole
-    sequences took 366 µs against 475-516 µs cut into 66-396 parts, and with lengths U[L/2, L] 330
-    against 465; at b=16 (32 programs) 677 µs against 244-280; at h=16, b=128, lengths U[L/2, L],
-    three waves of parts beat one by 10-35 %."""
+    """The Hopper kernel's plan (its shapes eligible; CPU tensors stand in): one wave of parts (its
+    programs walk their parts' pieces), and the sequences one wave of whole-sequence programs holds,
+    from which the device schedule picks whole sequences when the lengths fill it
+    (test_device_schedule_...; the H200 runs behind it: benchmarks/triton_decode_results.md)."""
     from mla_verify.kernels import scheduled_decode as sd
 
     monkeypatch.setattr(sd, "_hopper_supports", lambda *args: True)
@@ -320,10 +317,10 @@ def test_hopper_plan_cuts_one_wave_and_offers_whole_sequences(monkeypatch):
 
     assert plan(128, 128).hopper and plan(128, 128).num_parts == 66  # two row groups share the wave
     assert plan(128, 128).wave_sequences == 66 and plan(128, 128, s_q=2).wave_sequences == 33
-    # 16 rows, padded to 64: small partial results, three waves of parts when cut
-    assert plan(128, 16).num_parts == 3 * 132 and plan(128, 16).wave_sequences == 132
-    assert plan(1, 16).num_parts == 3 * 132 and plan(64, 1, s_q=2).num_parts == 3 * 132
-    assert plan(1, 64).num_parts == 132  # 64 rows: one wave
+    # few rows (one program per sequence or part on the few-rows kernel) and 64 rows: one wave
+    assert plan(128, 16).num_parts == 132 and plan(128, 16).wave_sequences == 132
+    assert plan(1, 16).num_parts == 132 and plan(64, 1, s_q=2).num_parts == 132
+    assert plan(1, 64).num_parts == 132
     # cut plans keep pieces of at least MIN_SPLIT_TOKENS keys (plus a piece's fixed cost)
     assert plan(16, 128).min_part_units == sd._overhead_units(sd.HOPPER_CONFIG) + sd.MIN_SPLIT_TOKENS // 64
     # the tl kernel's plan never takes whole sequences: its merge writes every result anyway
@@ -341,13 +338,18 @@ SCHEDULES = {
     "per-tile": ((40, 3, 0, 33), 64, 1, 0),
     "all-empty": ((0, 0, 0), 5, 1, 0),
     "batch-over-block": (tuple((i * 37) % 500 for i in range(1500)), 6, None, 0),
-    # whole when the batch's units over one wave of 8 sequences last >= WHOLE_FILL (1/2) of the longest:
-    # 8 and 4 equal sequences are, 3 are not
+    # whole when the batch's units spread over waves of 8 sequences last >= WHOLE_FILL (0.85) of the
+    # waves whole sequences take (each as long as the longest): 8 or 16 equal sequences fill their
+    # waves; 4, 3, or 12 (a second wave half full) do not
     "whole-equal": ((4096,) * 8, 8, None, 8.0),
-    "whole-half-a-wave": ((4096,) * 4, 8, None, 8.0),
+    "whole-two-waves": ((4096,) * 16, 8, None, 8.0),
+    "cut-half-a-wave": ((4096,) * 4, 8, None, 8.0),
     "cut-under-half-a-wave": ((4096,) * 3, 8, None, 8.0),
-    # a spread of lengths over a wave: whole (373 units against 260); one long among short ones: cut
-    "whole-varlen": ((4096, 2048, 3000, 2500), 8, None, 4.0),
+    "cut-second-wave-half-full": ((4096,) * 12, 8, None, 8.0),
+    # close lengths over a wave: whole (502 units against 442); spread ones (373 units) or one long
+    # among short ones: cut
+    "whole-varlen": ((4096, 4000, 3800, 3900), 8, None, 4.0),
+    "cut-spread-varlen": ((4096, 2048, 3000, 2500), 8, None, 4.0),
     "cut-one-long": ((16384, 100, 100, 100), 8, None, 4.0),
     "whole-with-empty": ((0, 8192, 8192, 8192, 8192, 8192, 8192, 8192, 8192), 9, None, 9.0),
     "whole-over-block": ((300,) * 1500, 6, None, 1500.0),
@@ -387,7 +389,8 @@ def test_device_schedule_covers_every_tile_once_and_balances(schedules, name):
     per_part, total, pieces = got["totals"]
     block_n, overhead = got["block_n"], got["overhead"]
     units = [overhead + -(-n // block_n) for n in lengths]
-    whole = capacity > 0 and sum(units) >= got["whole_fill"] * capacity * max(units)
+    waves = -(-len(lengths) // capacity) if capacity else 0
+    whole = capacity > 0 and sum(units) >= got["whole_fill"] * capacity * waves * max(units)
     assert whole == name.startswith("whole"), "the test's name says which way the device must decide"
     if whole:  # a part per sequence, each as long as the longest sequence's cost
         assert per_part == max(units) and total == len(lengths) * max(units)
@@ -412,6 +415,44 @@ def test_device_schedule_covers_every_tile_once_and_balances(schedules, name):
     assert pieces == slots <= len(lengths) + parts  # the grid's and the partial buffer's size
     # balance: every launched part but the last holds per_part units, none more
     assert -(-total // per_part) <= parts
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_part_walks_visit_every_piece_once_in_key_order(schedules, name):
+    """The Hopper kernels run one program per part, walking the part's sequences (hopper_decode's
+    `_part_sequences`: those whose parts first_part .. first_part + splits - 1 include it, counted in
+    one vector; `_piece_range`: the piece's slot and key range), over a grid of max(b, num_parts)
+    parts. The same arithmetic here, on the device's schedule: every piece is visited by exactly one
+    program, the key ranges of a sequence's pieces tile [0, length) in slot order, and no program
+    past the grid has work."""
+    lengths, parts, _, _ = SCHEDULES[name]
+    got = schedules[name]
+    per_part, total, pieces = got["totals"]
+    block_n, overhead = got["block_n"], got["overhead"]
+    first_part, splits = got["first_part"], got["splits"]
+    last_part = [f + n - 1 for f, n in zip(first_part, splits)]
+    grid = max(len(lengths), parts)
+    visits = {}
+    for part in range(grid + 4):
+        first = sum(last < part for last in last_part)
+        count = max(sum(f <= part for f in first_part) - first, 0)
+        if part >= grid:
+            assert count == 0, f"part {part} past the grid has {count} sequences"
+        for seq in range(first, first + count):
+            assert first_part[seq] <= part <= last_part[seq]
+            piece = got["slot"][seq] + part - first_part[seq]
+            unit_lo, unit_hi = part * per_part, min(part * per_part + per_part, total)
+            first_tile = got["start"][seq] + overhead
+            start = max(unit_lo - first_tile, 0) * block_n
+            end = min(min(unit_hi - first_tile, -(-lengths[seq] // block_n)) * block_n, lengths[seq])
+            assert piece not in visits, f"piece {piece} visited twice"
+            visits[piece] = (seq, max(start, 0), max(end, start))
+    assert sorted(visits) == list(range(pieces))
+    for seq, n in enumerate(lengths):
+        ranges = [visits[k][1:] for k in sorted(visits) if visits[k][0] == seq]
+        covered = [r for r in ranges if r[1] > r[0]]
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:])), (seq, ranges)
+        assert (covered[0][0], covered[-1][1]) == (0, n) if n else not covered, (seq, ranges)
 
 
 def test_one_long_sequence_spreads_over_every_part(schedules):

@@ -122,13 +122,14 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # ----------------------------------------------------------------------------------------------
 
 @gluon.jit
-def _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, tile, n_tiles,
+def _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, tile, n_tiles,
                      PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constexpr,
                      NUM_STAGES: gl.constexpr):
-    """TMA-copy tile `tile` of the range (keys start + tile·BLOCK_N ..., in the cache block the sequence's
-    block-table row names) into ring stage tile % NUM_STAGES; nothing (no block-table read, no copy,
-    no expected bytes) when tile >= n_tiles."""
-    stage = tile % NUM_STAGES
+    """TMA-copy tile `tile` of the piece's range (keys start + tile·BLOCK_N ..., in the cache block the
+    sequence's block-table row names) into ring stage (done + tile) % NUM_STAGES, `done` being the tiles
+    the program consumed before this piece; nothing (no block-table read, no copy, no expected bytes)
+    when tile >= n_tiles."""
+    stage = (done + tile) % NUM_STAGES
     live = tile < n_tiles
     pos = start + tile * BLOCK_N
     block = gl.load(table_row + pos // PAGE_SIZE, mask=live, other=0)
@@ -161,20 +162,29 @@ def _zero_tail_rows(v_smem, valid, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constex
 
 
 @gluon.jit
-def _find_piece(piece, SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals, num_seqs,
-                OVERHEAD_UNITS: gl.constexpr, BLOCK_B: gl.constexpr, BLOCK_N: gl.constexpr, WARPS: gl.constexpr):
-    """Piece `piece` of scheduled_decode's device schedule (the grid has room for the most pieces there
-    can be; the rest are inactive, with an empty range): whether it is active, its sequence (the last
-    whose first piece is <= piece), that sequence's split count and length, and the key range
-    [start, end)."""
-    active = piece < gl.load(Totals + 2)
+def _part_sequences(part, SeqSplits, SeqFirstPart, num_seqs, BLOCK_B: gl.constexpr, WARPS: gl.constexpr):
+    """The sequences part `part` of scheduled_decode's device schedule works on: [first, first + count),
+    those whose parts (first_part .. first_part + splits - 1) include it. Both ends are non-decreasing
+    along the sequences, so they are a contiguous run, found by counting in one vector load; a part past
+    the schedule's last (the grid has room for the most parts there can be) gets none."""
     seq_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[WARPS],
                                                 order=[0])
-    firsts = gl.arange(0, BLOCK_B, layout=seq_layout)
-    firsts = gl.load(SeqSlot + firsts, mask=firsts < num_seqs, other=piece + 1)
-    seq = gl.sum((firsts <= piece).to(gl.int32), axis=0) - 1
+    seqs = gl.arange(0, BLOCK_B, layout=seq_layout)
+    ok = seqs < num_seqs
+    first_part = gl.load(SeqFirstPart + seqs, mask=ok, other=part + 1)
+    last_part = first_part + gl.load(SeqSplits + seqs, mask=ok, other=0) - 1
+    first = gl.sum((last_part < part).to(gl.int32), axis=0)
+    count = gl.sum((first_part <= part).to(gl.int32), axis=0) - first
+    return first, gl.maximum(count, 0)
+
+
+@gluon.jit
+def _piece_range(seq, part, SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals,
+                 OVERHEAD_UNITS: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The piece (sequence `seq`, part `part`) of the schedule: its slot (pieces are numbered sequence by
+    sequence in part order), the sequence's split count and length, and the key range [start, end)."""
+    piece = gl.load(SeqSlot + seq) + part - gl.load(SeqFirstPart + seq)
     splits = gl.load(SeqSplits + seq)
-    part = gl.load(SeqFirstPart + seq) + piece - gl.load(SeqSlot + seq)
     per_part = gl.load(Totals)
     unit_lo = part * per_part
     unit_hi = gl.minimum(unit_lo + per_part, gl.load(Totals + 1))
@@ -182,8 +192,7 @@ def _find_piece(piece, SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Tota
     first_tile = gl.load(SeqStart + seq) + OVERHEAD_UNITS
     start = gl.maximum(unit_lo - first_tile, 0) * BLOCK_N
     end = gl.minimum(gl.minimum(unit_hi - first_tile, gl.cdiv(seq_len, BLOCK_N)) * BLOCK_N, seq_len)
-    end = gl.where(active, end, start)
-    return active, seq, splits, seq_len, start, end
+    return piece, splits, seq_len, start, end
 
 
 @gluon.jit
@@ -245,19 +254,12 @@ def _hopper_split_kernel(
     qk_smem_layout: gl.constexpr = lat_desc.layout  # 128-byte swizzle, what TMA writes and wgmma reads
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
 
-    # -- which rows, which keys: piece `piece` of scheduled_decode's device schedule --------------------
+    # -- which rows, which sequences: part `part` of scheduled_decode's device schedule ------------------
     pid_m = gl.program_id(0)  # row group (fastest: groups sharing cache tiles run side by side)
-    piece = gl.program_id(1)
-    active, seq, splits, seq_len, start, end = _find_piece(piece, SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart,
-                                                           Totals, num_seqs, OVERHEAD_UNITS, BLOCK_B, BLOCK_N, 8)
-    pid_b = seq.to(gl.int64)
-    if CAUSAL:  # no key past the group's last visible position
-        last_query = gl.minimum(s_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // h_q)
-        end = gl.minimum(end, seq_len - s_q + last_query + 1)
-    n_tiles = gl.maximum(gl.cdiv(end - start, BLOCK_N), 0)
-    table_row = BlockTable + pid_b * stride_tb
+    part = gl.program_id(1)
+    first_seq, n_pieces = _part_sequences(part, SeqSplits, SeqFirstPart, num_seqs, BLOCK_B, 8)
 
-    # -- shared memory -------------------------------------------------------------------------------
+    # -- shared memory (once: the program's pieces reuse it) -----------------------------------------
     q_lat = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM_V], qk_smem_layout)
     q_rope = gl.allocate_shared_memory(dtype, [BLOCK_M, ROPE_DIM], rope_desc.layout)
     k_lat = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM_V], qk_smem_layout)
@@ -268,87 +270,103 @@ def _hopper_split_kernel(
         mbarrier.init(ready.index(i), count=1)
     fence_async_shared()  # barrier initialisation visible to the TMA unit before the first copy
 
-    # -- stage K: the first NUM_STAGES tiles start loading now, behind the Q load ------------------------
-    for i in gl.static_range(NUM_STAGES):
-        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, i, n_tiles,
-                         PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
-
-    # -- stage Q: global -> registers -> swizzled shared memory (rows past num_rows as zeros) -------------
     q_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, io_layout))
     q_ok = gl.expand_dims(q_rows < num_rows, 1)
-    q_ptr = gl.expand_dims(Q + pid_b * stride_qb + (q_rows // h_q) * stride_qs + (q_rows % h_q) * stride_qh, 1)
     q_cols = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, io_layout)), 0)
-    for c in gl.static_range(HEAD_DIM_V // 64):
-        x = gl.load(q_ptr + c * 64 + q_cols, mask=q_ok, other=0.0)
-        q_lat.slice(c * 64, 64, dim=1).store(x)
-    q_rope.store(gl.load(q_ptr + HEAD_DIM_V + q_cols, mask=q_ok, other=0.0))
-    fence_async_shared()  # generic-proxy stores of Q, read next by wgmma (async proxy)
-    _cta_barrier()
-
-    # -- running state -------------------------------------------------------------------------------
-    acc = gl.zeros([BLOCK_M, HEAD_DIM_V], gl.float32, o_layout)  # unnormalised O
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)  # running max (base-2 units)
-    l_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # per-thread partial row sums of P
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     offs_n = gl.arange(0, BLOCK_N, layout=col_s)
-    if CAUSAL:
-        s_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-        row_limit = seq_len - s_q + s_rows // h_q + 1  # query i sees positions < L - s_q + i + 1
-
-    # -- first tile's S ----------------------------------------------------------------------------------
-    s = s_zero
-    if n_tiles > 0:
-        mbarrier.wait(ready.index(0), 0)
-        s = _qk(q_lat, q_rope, k_lat.index(0), k_rope.index(0), s_zero)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-
-    for j in range(n_tiles):
-        stage = j % NUM_STAGES
-        tile_start = start + j * BLOCK_N
-        # -- softmax of tile j (base 2); masked keys -> -inf, so their P is exactly 0 ----------------
-        pos = gl.expand_dims(tile_start + offs_n, 0)
-        visible = pos < end
-        if CAUSAL:
-            visible = visible & (pos < gl.expand_dims(row_limit, 1))
-        s = gl.where(visible, s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: p = 0, alpha = 1
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
-        l_acc = l_acc * gl.expand_dims(alpha, 1) + p
-        m_i = m_new
-        # -- O rescale; P (input dtype) to shared memory for both warpgroups --------------------------
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        if tile_start + BLOCK_N > end:  # the range's last, partial tile: zero V rows past `end`
-            _zero_tail_rows(k_lat.index(stage), end - tile_start, BLOCK_N, HEAD_DIM_V, 64, io_layout)
-        p_smem.store(p.to(dtype))
-        fence_async_shared()  # P (and zeroed V rows) written by threads, read by wgmma
-        _cta_barrier()
-        # -- O += P·V, then the next tile's S right behind it on the tensor cores ----------------------
-        acc = warpgroup_mma(p_smem, k_lat.index(stage), acc, is_async=True)
-        if j + 1 < n_tiles:
-            nxt = (j + 1) % NUM_STAGES
-            mbarrier.wait(ready.index(nxt), ((j + 1) // NUM_STAGES) & 1)
-            s = _qk(q_lat, q_rope, k_lat.index(nxt), k_rope.index(nxt), s_zero)
-            s = warpgroup_mma_wait(0, deps=(s, ))
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        # -- both warpgroups are done with this stage and with P: refill the stage with tile j + 2 -----
-        _cta_barrier()
-        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, j + NUM_STAGES, n_tiles,
-                         PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
-
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.invalidate(ready.index(i))
-
-    # -- epilogue: normalise; a row that saw no key (l = 0) gets out 0 and lse -inf ----------------------
-    l_safe, lse2 = _row_totals(l_acc, m_i, 1)
-    o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 1)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     rows_o = gl.expand_dims(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o), 1)
     cols_o = gl.expand_dims(gl.arange(0, HEAD_DIM_V, layout=col_o), 0)
     rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-    _store_piece(o, lse2, rows_o, cols_o, (rows_o < num_rows) & active, rows_s, (rows_s < num_rows) & active, splits,
-                 piece, pid_b, Out, Lse, OutPart, LsePart, num_rows, h_q, stride_ob, stride_os, stride_oh,
-                 stride_lb, stride_lh, stride_ls, HEAD_DIM_V)
+
+    done = 0  # tiles consumed by the earlier pieces: the ring stage and barrier phase go on from there
+    for k in range(n_pieces):
+        # -- the piece: sequence first_seq + k's share of this part ---------------------------------------
+        seq = first_seq + k
+        piece, splits, seq_len, start, end = _piece_range(seq, part, SeqLens, SeqStart, SeqSplits, SeqSlot,
+                                                          SeqFirstPart, Totals, OVERHEAD_UNITS, BLOCK_N)
+        pid_b = seq.to(gl.int64)
+        if CAUSAL:  # no key past the group's last visible position
+            last_query = gl.minimum(s_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // h_q)
+            end = gl.minimum(end, seq_len - s_q + last_query + 1)
+        n_tiles = gl.maximum(gl.cdiv(end - start, BLOCK_N), 0)
+        table_row = BlockTable + pid_b * stride_tb
+
+        # -- stage K: the first NUM_STAGES tiles start loading now, behind the Q load --------------------
+        # (the ring is empty: every earlier tile was consumed and its readers awaited)
+        for i in gl.static_range(NUM_STAGES):
+            _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, i, n_tiles,
+                             PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+
+        # -- stage Q: global -> registers -> swizzled shared memory (rows past num_rows as zeros) ---------
+        # (the previous piece's last wgmma reading Q was awaited before a CTA barrier)
+        q_ptr = gl.expand_dims(Q + pid_b * stride_qb + (q_rows // h_q) * stride_qs + (q_rows % h_q) * stride_qh, 1)
+        for c in gl.static_range(HEAD_DIM_V // 64):
+            x = gl.load(q_ptr + c * 64 + q_cols, mask=q_ok, other=0.0)
+            q_lat.slice(c * 64, 64, dim=1).store(x)
+        q_rope.store(gl.load(q_ptr + HEAD_DIM_V + q_cols, mask=q_ok, other=0.0))
+        fence_async_shared()  # generic-proxy stores of Q, read next by wgmma (async proxy)
+        _cta_barrier()
+
+        # -- running state ---------------------------------------------------------------------------
+        acc = gl.zeros([BLOCK_M, HEAD_DIM_V], gl.float32, o_layout)  # unnormalised O
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)  # running max (base-2 units)
+        l_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # per-thread partial row sums of P
+        if CAUSAL:
+            row_limit = seq_len - s_q + rows_s // h_q + 1  # query i sees positions < L - s_q + i + 1
+
+        # -- first tile's S ------------------------------------------------------------------------------
+        s = s_zero
+        if n_tiles > 0:
+            mbarrier.wait(ready.index(done % NUM_STAGES), (done // NUM_STAGES) & 1)
+            s = _qk(q_lat, q_rope, k_lat.index(done % NUM_STAGES), k_rope.index(done % NUM_STAGES), s_zero)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+
+        for j in range(n_tiles):
+            stage = (done + j) % NUM_STAGES
+            tile_start = start + j * BLOCK_N
+            # -- softmax of tile j (base 2); masked keys -> -inf, so their P is exactly 0 ----------------
+            pos = gl.expand_dims(tile_start + offs_n, 0)
+            visible = pos < end
+            if CAUSAL:
+                visible = visible & (pos < gl.expand_dims(row_limit, 1))
+            s = gl.where(visible, s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: p = 0, alpha = 1
+            alpha = gl.exp2(m_i - m_safe)
+            p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+            l_acc = l_acc * gl.expand_dims(alpha, 1) + p
+            m_i = m_new
+            # -- O rescale; P (input dtype) to shared memory for both warpgroups --------------------------
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            if tile_start + BLOCK_N > end:  # the range's last, partial tile: zero V rows past `end`
+                _zero_tail_rows(k_lat.index(stage), end - tile_start, BLOCK_N, HEAD_DIM_V, 64, io_layout)
+            p_smem.store(p.to(dtype))
+            fence_async_shared()  # P (and zeroed V rows) written by threads, read by wgmma
+            _cta_barrier()
+            # -- O += P·V, then the next tile's S right behind it on the tensor cores ----------------------
+            acc = warpgroup_mma(p_smem, k_lat.index(stage), acc, is_async=True)
+            if j + 1 < n_tiles:
+                nxt = (done + j + 1) % NUM_STAGES
+                mbarrier.wait(ready.index(nxt), ((done + j + 1) // NUM_STAGES) & 1)
+                s = _qk(q_lat, q_rope, k_lat.index(nxt), k_rope.index(nxt), s_zero)
+                s = warpgroup_mma_wait(0, deps=(s, ))
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            # -- both warpgroups are done with this stage and with P: refill the stage with tile j + 2 -----
+            _cta_barrier()
+            _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, j + NUM_STAGES,
+                             n_tiles, PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+        done += n_tiles
+
+        # -- epilogue: normalise; a row that saw no key (l = 0) gets out 0 and lse -inf --------------------
+        l_safe, lse2 = _row_totals(l_acc, m_i, 1)
+        o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 1)
+        _store_piece(o, lse2, rows_o, cols_o, rows_o < num_rows, rows_s, rows_s < num_rows, splits, piece, pid_b,
+                     Out, Lse, OutPart, LsePart, num_rows, h_q, stride_ob, stride_os, stride_oh,
+                     stride_lb, stride_lh, stride_ls, HEAD_DIM_V)
+
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(ready.index(i))
 
 
 @gluon.jit
@@ -390,15 +408,11 @@ def _hopper_few_rows_kernel(
     q_rope_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROPE_DIM], dtype)
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
 
-    # -- which keys: piece `piece` of scheduled_decode's device schedule ------------------------------
-    piece = gl.program_id(1)
-    active, seq, splits, seq_len, start, end = _find_piece(piece, SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart,
-                                                           Totals, num_seqs, OVERHEAD_UNITS, BLOCK_B, BLOCK_N, WARPS)
-    pid_b = seq.to(gl.int64)
-    n_tiles = gl.maximum(gl.cdiv(end - start, BLOCK_N), 0)
-    table_row = BlockTable + pid_b * stride_tb
+    # -- which sequences: part `part` of scheduled_decode's device schedule ---------------------------
+    part = gl.program_id(1)
+    first_seq, n_pieces = _part_sequences(part, SeqSplits, SeqFirstPart, num_seqs, BLOCK_B, WARPS)
 
-    # -- shared memory: Q (ROWS × 576), the K ring, Pᵀ stored as P [ROWS, 64] -------------------------
+    # -- shared memory: Q (ROWS × 576), the K ring, Pᵀ stored as P [ROWS, 64]; once for all pieces -----
     q_lat = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM_V], q_lat_layout)
     q_rope = gl.allocate_shared_memory(dtype, [ROWS, ROPE_DIM], q_rope_layout)
     k_lat = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM_V], lat_desc.layout)
@@ -409,76 +423,86 @@ def _hopper_few_rows_kernel(
         mbarrier.init(ready.index(i), count=1)
     fence_async_shared()
 
-    for i in gl.static_range(NUM_STAGES):
-        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, i, n_tiles,
-                         PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
-
     q_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout))
     q_ok = gl.expand_dims(q_rows < num_rows, 1)
-    q_ptr = gl.expand_dims(Q + pid_b * stride_qb + (q_rows // h_q) * stride_qs + (q_rows % h_q) * stride_qh, 1)
     q_cols = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, io_layout)), 0)
-    for c in gl.static_range(HEAD_DIM_V // 64):
-        q_lat.slice(c * 64, 64, dim=1).store(gl.load(q_ptr + c * 64 + q_cols, mask=q_ok, other=0.0))
-    q_rope.store(gl.load(q_ptr + HEAD_DIM_V + q_cols, mask=q_ok, other=0.0))
-    fence_async_shared()
-    _cta_barrier()
-
-    # -- running state (per query row: axis 1 of Sᵀ and Oᵀ) ------------------------------------------
-    acc = gl.zeros([HEAD_DIM_V, ROWS], gl.float32, o_layout)  # unnormalised Oᵀ
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-    l_acc = gl.zeros([BLOCK_N, ROWS], gl.float32, s_layout)
     s_zero = gl.zeros([BLOCK_N, ROWS], gl.float32, s_layout)
     offs_n = gl.arange(0, BLOCK_N, layout=key_s)
-    if CAUSAL:
-        s_rows = gl.arange(0, ROWS, layout=row_s)
-        row_limit = gl.expand_dims(seq_len - s_q + s_rows // h_q + 1, 0)  # query i sees positions < this
+    s_rows = gl.arange(0, ROWS, layout=row_s)
+    rows_o = gl.expand_dims(gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_layout)), 0)
+    cols_o = gl.expand_dims(gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(1, out_layout)), 1)
 
-    for j in range(n_tiles):
-        stage = j % NUM_STAGES
-        tile_start = start + j * BLOCK_N
-        mbarrier.wait(ready.index(stage), (j // NUM_STAGES) & 1)
-        # -- Sᵀ = K·Qᵀ: latent then rope -------------------------------------------------------------
-        s = warpgroup_mma(k_lat.index(stage), q_lat.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma(k_rope.index(stage), q_rope.permute((1, 0)), s, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        # -- online softmax over the keys (axis 0), base 2 --------------------------------------------
-        pos = gl.expand_dims(tile_start + offs_n, 1)
-        visible = pos < end
-        if CAUSAL:
-            visible = visible & (pos < row_limit)
-        s = gl.where(visible, s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=0))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 0))
-        l_acc = l_acc * gl.expand_dims(alpha, 0) + p
-        m_i = m_new
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 0)
-        if tile_start + BLOCK_N > end:  # the range's last, partial tile: zero V rows past `end`
-            _zero_tail_rows(k_lat.index(stage), end - tile_start, BLOCK_N, HEAD_DIM_V, 64, io_layout)
-        p_smem.store(gl.permute(p.to(dtype), (1, 0)))
+    done = 0  # tiles consumed by the earlier pieces (ring stage and barrier phase)
+    for k in range(n_pieces):
+        seq = first_seq + k
+        piece, splits, seq_len, start, end = _piece_range(seq, part, SeqLens, SeqStart, SeqSplits, SeqSlot,
+                                                          SeqFirstPart, Totals, OVERHEAD_UNITS, BLOCK_N)
+        pid_b = seq.to(gl.int64)
+        n_tiles = gl.maximum(gl.cdiv(end - start, BLOCK_N), 0)
+        table_row = BlockTable + pid_b * stride_tb
+
+        for i in gl.static_range(NUM_STAGES):
+            _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, i, n_tiles,
+                             PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+
+        q_ptr = gl.expand_dims(Q + pid_b * stride_qb + (q_rows // h_q) * stride_qs + (q_rows % h_q) * stride_qh, 1)
+        for c in gl.static_range(HEAD_DIM_V // 64):
+            q_lat.slice(c * 64, 64, dim=1).store(gl.load(q_ptr + c * 64 + q_cols, mask=q_ok, other=0.0))
+        q_rope.store(gl.load(q_ptr + HEAD_DIM_V + q_cols, mask=q_ok, other=0.0))
         fence_async_shared()
         _cta_barrier()
-        # -- Oᵀ += Vᵀ·Pᵀ, V = the first 512 columns of the same K tile ----------------------------------
-        acc = warpgroup_mma(k_lat.index(stage).permute((1, 0)), p_smem.permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        _cta_barrier()
-        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, j + NUM_STAGES, n_tiles,
-                         PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+
+        # -- running state (per query row: axis 1 of Sᵀ and Oᵀ) --------------------------------------
+        acc = gl.zeros([HEAD_DIM_V, ROWS], gl.float32, o_layout)  # unnormalised Oᵀ
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+        l_acc = gl.zeros([BLOCK_N, ROWS], gl.float32, s_layout)
+        if CAUSAL:
+            row_limit = gl.expand_dims(seq_len - s_q + s_rows // h_q + 1, 0)  # query i sees positions < this
+
+        for j in range(n_tiles):
+            stage = (done + j) % NUM_STAGES
+            tile_start = start + j * BLOCK_N
+            mbarrier.wait(ready.index(stage), ((done + j) // NUM_STAGES) & 1)
+            # -- Sᵀ = K·Qᵀ: latent then rope ---------------------------------------------------------
+            s = warpgroup_mma(k_lat.index(stage), q_lat.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma(k_rope.index(stage), q_rope.permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            # -- online softmax over the keys (axis 0), base 2 ----------------------------------------
+            pos = gl.expand_dims(tile_start + offs_n, 1)
+            visible = pos < end
+            if CAUSAL:
+                visible = visible & (pos < row_limit)
+            s = gl.where(visible, s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=0))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_safe)
+            p = gl.exp2(s - gl.expand_dims(m_safe, 0))
+            l_acc = l_acc * gl.expand_dims(alpha, 0) + p
+            m_i = m_new
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 0)
+            if tile_start + BLOCK_N > end:  # the range's last, partial tile: zero V rows past `end`
+                _zero_tail_rows(k_lat.index(stage), end - tile_start, BLOCK_N, HEAD_DIM_V, 64, io_layout)
+            p_smem.store(gl.permute(p.to(dtype), (1, 0)))
+            fence_async_shared()
+            _cta_barrier()
+            # -- Oᵀ += Vᵀ·Pᵀ, V = the first 512 columns of the same K tile ------------------------------
+            acc = warpgroup_mma(k_lat.index(stage).permute((1, 0)), p_smem.permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            _cta_barrier()
+            _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, j + NUM_STAGES,
+                             n_tiles, PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+        done += n_tiles
+
+        # -- epilogue: as the 8-warp kernel's, Oᵀ stored back as rows of out ----------------------------
+        l_safe, lse2 = _row_totals(l_acc, m_i, 0)
+        o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 0)
+        o = gl.convert_layout(o, out_layout)
+        _store_piece(o, lse2, rows_o, cols_o, rows_o < num_rows, s_rows, s_rows < num_rows, splits, piece, pid_b,
+                     Out, Lse, OutPart, LsePart, num_rows, h_q, stride_ob, stride_os, stride_oh,
+                     stride_lb, stride_lh, stride_ls, HEAD_DIM_V)
 
     for i in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(ready.index(i))
-
-    # -- epilogue: as the 8-warp kernel's, Oᵀ stored back as rows of out --------------------------------
-    l_safe, lse2 = _row_totals(l_acc, m_i, 0)
-    o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 0)
-    o = gl.convert_layout(o, out_layout)
-    rows_o = gl.expand_dims(gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_layout)), 0)
-    cols_o = gl.expand_dims(gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(1, out_layout)), 1)
-    rows_s = gl.arange(0, ROWS, layout=row_s)
-    _store_piece(o, lse2, rows_o, cols_o, (rows_o < num_rows) & active, rows_s, (rows_s < num_rows) & active, splits,
-                 piece, pid_b, Out, Lse, OutPart, LsePart, num_rows, h_q, stride_ob, stride_os, stride_oh,
-                 stride_lb, stride_lh, stride_ls, HEAD_DIM_V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,9 +557,10 @@ def hopper_split_launch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
                         lse: torch.Tensor, out_part: torch.Tensor, lse_part: torch.Tensor,
                         schedule: tuple[torch.Tensor, ...], num_parts: int, overhead_units: int) -> None:
     """Launch the split kernel (the few-rows kernel for s_q·h_q <= FEW_ROWS) over grid (cdiv(s_q·h_q,
-    64), b + num_parts): one program per piece of
-    scheduled_decode's device schedule (`schedule_decode`: seq_start, seq_splits, seq_slot,
-    seq_first_part, totals, made with block_n = 64 and `overhead_units`). A piece that is its
+    64), max(b, num_parts)): one program per part of scheduled_decode's device schedule
+    (`schedule_decode`: seq_start, seq_splits, seq_slot, seq_first_part, totals, made with block_n = 64
+    and `overhead_units`; a schedule has at most max(b, num_parts) parts: num_parts when it cuts, b when
+    it runs sequences whole), doing the part's pieces one after the other. A piece that is its
     sequence's only one writes out [b, s_q, h_q, 512] (q.dtype) and lse [b, h_q, s_q] (float32,
     natural log); piece k of a split sequence writes out_part[k] [s_q·h_q, 512] and lse_part[k]
     (float32, normalised, base-2 lse, -inf for no key), which scheduled_decode's merge combines.
@@ -548,7 +573,7 @@ def hopper_split_launch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     lat_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, HEAD_DIM_V], lat_layout)
     rope_desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [BLOCK_N, ROPE_DIM], rope_layout)
     kernel, rows, warps = _variant(num_rows)
-    kernel[(triton.cdiv(num_rows, BLOCK_M), b + num_parts)](
+    kernel[(triton.cdiv(num_rows, BLOCK_M), max(b, num_parts))](
         q, lat_desc, rope_desc, block_table, cache_seqlens, out, lse, out_part, lse_part, *schedule,
         softmax_scale * LOG2E, num_rows, h_q, s_q, b,
         q.stride(0), q.stride(1), q.stride(2),

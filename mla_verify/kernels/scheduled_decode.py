@@ -66,12 +66,9 @@ MIN_SPLIT_TOKENS = 128
 OVERHEAD_TOKENS = 64
 # Parts per resident program slot: pieces of about a third of a wave keep the last wave short.
 WAVES = 3
-# The Hopper path runs whole sequences when the batch's work spread over one wave lasts at least this
-# share of the longest sequence's time (H200, benchmarks/triton_decode_results.md: cut pieces cost
-# more than the idle tail of whole ones down to about half).
-WHOLE_FILL = 0.5
-# The Hopper plan cuts into WAVES waves of parts, not one, for at most this many query rows.
-SMALL_PARTIAL_ROWS = 32
+# The Hopper path runs whole sequences when the batch's work spread evenly over one wave lasts at
+# least this share of what whole sequences take (their waves times the longest), else it cuts.
+WHOLE_FILL = 0.85
 # The merge's tile: this many splits × output columns at once.
 MERGE_SPLITS = 32
 MERGE_COLUMNS = 128
@@ -85,9 +82,9 @@ MERGE_ROWS_PER_SM = 4
 
 @triton.jit
 def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals,
-                     num_seqs, num_parts, min_part_units, topk, wave_sequences,
+                     num_seqs, num_parts, min_part_units, topk, wave_sequences, whole_fill,
                      BLOCK_N: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, BLOCK_B: tl.constexpr,
-                     SPARSE: tl.constexpr, WHOLE_FILL: tl.constexpr):
+                     SPARSE: tl.constexpr):
     """The launch's work plan, made on the device from the lengths (one program; no host sync, so a
     serving loop can capture the whole decode in a CUDA graph).
 
@@ -122,8 +119,8 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
         tl.store(SeqStart + seq, total + tl.cumsum(units, 0) - units, mask=ok)
         total += tl.sum(units, 0)
         longest = tl.maximum(longest, tl.max(units, 0))
-    threshold = WHOLE_FILL * wave_sequences * longest.to(tl.float32)
-    whole = (total.to(tl.float32) >= threshold) & (threshold > 0.0)
+    waves = tl.ceil(num_seqs / tl.maximum(wave_sequences, 1.0))  # waves of whole sequences
+    whole = (wave_sequences > 0.0) & (total.to(tl.float32) >= whole_fill * wave_sequences * waves * longest)
     per_part = tl.where(whole, longest, tl.maximum(tl.cdiv(total, num_parts), min_part_units))
     tl.store(Totals, per_part)
     tl.store(Totals + 1, tl.where(whole, num_seqs * longest, total))
@@ -336,6 +333,7 @@ class DecodePlan:
     min_part_units: int  # a part covers at least this many units, so pieces are not too short
     hopper: bool = False  # the split kernel is hopper_decode's (Gluon, sm_90a) rather than the tl one
     wave_sequences: float = 0.0  # sequences whose programs make one wave, for the whole rule (0: always cut)
+    whole_fill: float = WHOLE_FILL  # the whole rule's threshold (0: whole whenever wave_sequences > 0)
 
 
 def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int,
@@ -357,12 +355,10 @@ def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Te
     wave = config.resident_per_sm * _sm_count(q.device)
     min_part_units = _overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n)
     if hopper:
-        # a piece's fixed cost (72 KB of Q, the pipeline's fill, the partial write and merge) is a
-        # tile or more: whole sequences when the lengths fill the waves (decided on the device from
-        # the lengths: `_schedule_kernel`), else one wave of parts; WAVES waves for a few rows,
-        # whose partial results are small (pieces are programs, not SMs: smaller ones even out)
-        waves = WAVES if num_rows <= SMALL_PARTIAL_ROWS else 1
-        return DecodePlan(config=config, num_parts=max(1, waves * wave // groups), min_part_units=min_part_units,
+        # one program per part, walking the part's pieces: one wave of equal parts; whole sequences
+        # (no partial results, no merge) when they would keep the wave nearly as busy (decided on
+        # the device from the lengths: `_schedule_kernel`)
+        return DecodePlan(config=config, num_parts=max(1, wave // groups), min_part_units=min_part_units,
                           hopper=True, wave_sequences=wave / groups)
     return DecodePlan(config=config, num_parts=max(1, WAVES * wave // groups), min_part_units=min_part_units)
 
@@ -397,8 +393,8 @@ def schedule_decode(cache_seqlens: torch.Tensor, num_seqs: int, plan: DecodePlan
     block_n = plan.config.block_n
     _schedule_kernel[(1,)](cache_seqlens, parts[0], parts[1], parts[2], parts[3], totals,
                            num_seqs, plan.num_parts, plan.min_part_units, topk or 0, float(plan.wave_sequences),
-                           BLOCK_N=block_n, OVERHEAD_UNITS=_overhead_units(plan.config),
-                           BLOCK_B=_schedule_block(num_seqs), SPARSE=topk is not None, WHOLE_FILL=WHOLE_FILL,
+                           float(plan.whole_fill), BLOCK_N=block_n, OVERHEAD_UNITS=_overhead_units(plan.config),
+                           BLOCK_B=_schedule_block(num_seqs), SPARSE=topk is not None,
                            num_warps=4)
     return parts[0], parts[1], parts[2], parts[3], totals
 
