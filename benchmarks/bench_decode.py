@@ -11,7 +11,7 @@ triton_decode it replaces) against the PyTorch baseline and the peers.
 --sweep   times what the kernels' constants were chosen from (all sweeps, or those named):
           configs       tl configs and part counts on the headline shapes (decode_config's heuristic);
           few-rows      the Hopper few-rows kernel against the rows padded to 64 and the tl kernel;
-          whole-or-cut  the Hopper plan's whole sequences against one wave of parts (WHOLE_FILL);
+          whole-or-cut  the Hopper plan's whole sequences against one wave of parts (CUT_COST_TOKENS);
           batch-one     b = 1: the minimum part size.
 default   the benchmark table: DeepSeek-V3 absorbed decode (d=576, head_dim_v=512), bf16, page 64,
           pages permuted, random data; h=16 (TP8) and h=128 (TP1); b in {1, 128}; L in {4096, 16384};
@@ -316,17 +316,17 @@ def sweep_few_rows() -> None:
 
 def sweep_whole_or_cut() -> None:
     """The Hopper plan: whole sequences (a program each, no merge) or one wave of parts (a program
-    walking each part's pieces), and the device's choice between them (WHOLE_FILL)."""
+    walking each part's pieces), and the device's choice between them (CUT_COST_TOKENS)."""
     print("\nsweep: Hopper kernel, graph µs: the plan's choice | whole sequences | one wave of parts", flush=True)
     for h, b, length, s_q in ((16, 128, 16384, 1), (16, 128, 4096, 1), (16, 128, 4096, 2), (16, 64, 16384, 1),
                               (16, 200, 4096, 1), (128, 128, 16384, 1), (128, 128, 4096, 1), (128, 128, 4096, 2),
                               (128, 64, 4096, 1), (128, 200, 4096, 1)):
         for varlen in (False, True):
             cells = []
-            for name, fill in (("plan", None), ("whole", 0.0), ("cut", 1e30)):
-                def prepare(q, c, t, lens, causal, fill=fill):
+            for name, cost in (("plan", None), ("whole", 1e30), ("cut", -1e30)):
+                def prepare(q, c, t, lens, causal, cost=cost):
                     plan = sd.plan_decode(q, c, lens, DV)
-                    plan = plan if fill is None else dataclasses.replace(plan, whole_fill=fill)
+                    plan = plan if cost is None else dataclasses.replace(plan, cut_cost_tokens=cost)
                     return lambda: sd.launch_decode(q, c, t, lens, DV, SCALE, causal, plan)
 
                 cells.append(f"{name} {1e3 * graph_ms(prepare, b, s_q, h, length, varlen, s_q > 1):.1f}")

@@ -6,12 +6,14 @@
 
 The inputs are bench_decode's (bf16, d = 576/512, page 64, pages permuted, lengths = L or uniform in
 [L/2, L]); the launch is scheduled_decode's with its plan made ahead, as the table times it, so the
-schedule, split and merge kernels each run `--calls` times.
+schedule, split and merge kernels each run `--calls` times (`-k regex:'schedule|hopper|merge'` and
+--launch-count 3 profiles all three of one call).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -19,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_decode import make_inputs, prepare_triton  # noqa: E402
+from benchmarks.bench_decode import DV, SCALE, make_inputs  # noqa: E402
 from mla_verify.kernels import scheduled_decode as sd  # noqa: E402
 
 
@@ -31,14 +33,18 @@ def main() -> None:
     parser.add_argument("--s-q", type=int, default=1)
     parser.add_argument("--varlen", action="store_true")
     parser.add_argument("--calls", type=int, default=4)
+    parser.add_argument("--cut-cost-tokens", type=float, default=None,
+                        help="the plan's price of cutting (1e30: whole sequences, -1e30: one wave of parts)")
     args = parser.parse_args()
     q, cache, table, lengths = make_inputs(args.batch, args.s_q, args.heads, args.length, args.varlen, seed=0)
-    call = prepare_triton(sd, q, cache, table, lengths, args.s_q > 1)
+    plan = sd.plan_decode(q, cache, lengths, DV)
+    if args.cut_cost_tokens is not None:
+        plan = dataclasses.replace(plan, cut_cost_tokens=args.cut_cost_tokens)
     for _ in range(args.calls):
-        call()
+        sd.launch_decode(q, cache, table, lengths, DV, SCALE, args.s_q > 1, plan)
     torch.cuda.synchronize()
     print(f"h={args.heads} b={args.batch} L={args.length} s_q={args.s_q} varlen={args.varlen}: "
-          f"{args.calls} calls, plan {sd.plan_decode(q, cache, lengths, 512)}", flush=True)
+          f"{args.calls} calls, {plan}", flush=True)
 
 
 if __name__ == "__main__":

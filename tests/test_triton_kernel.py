@@ -338,18 +338,20 @@ SCHEDULES = {
     "per-tile": ((40, 3, 0, 33), 64, 1, 0),
     "all-empty": ((0, 0, 0), 5, 1, 0),
     "batch-over-block": (tuple((i * 37) % 500 for i in range(1500)), 6, None, 0),
-    # whole when the batch's units spread over waves of 8 sequences last >= WHOLE_FILL (0.85) of the
-    # waves whole sequences take (each as long as the longest): 8 or 16 equal sequences fill their
-    # waves; 4, 3, or 12 (a second wave half full) do not
+    # whole unless whole sequences on waves of `capacity` programs (about min(waves · longest,
+    # spread + longest / 2) units) take longer than one wave of parts (spread = total / capacity units)
+    # plus the price of cutting (CUT_COST_TOKENS = 4096 keys, 128 units of 32 keys): equal sequences
+    # filling their waves, short ones, close ones are whole; long ones leaving half a wave idle, or
+    # spread out, or one long among short ones are cut
     "whole-equal": ((4096,) * 8, 8, None, 8.0),
-    "whole-two-waves": ((4096,) * 16, 8, None, 8.0),
-    "cut-half-a-wave": ((4096,) * 4, 8, None, 8.0),
-    "cut-under-half-a-wave": ((4096,) * 3, 8, None, 8.0),
-    "cut-second-wave-half-full": ((4096,) * 12, 8, None, 8.0),
-    # close lengths over a wave: whole (502 units against 442); spread ones (373 units) or one long
-    # among short ones: cut
+    "whole-two-waves": ((16384,) * 16, 8, None, 8.0),
+    "whole-short-half-a-wave": ((4096,) * 4, 8, None, 8.0),
+    "cut-half-a-wave": ((16384,) * 4, 8, None, 8.0),
+    "cut-under-half-a-wave": ((16384,) * 3, 8, None, 8.0),
+    "cut-second-wave-half-full": ((16384,) * 12, 8, None, 8.0),
     "whole-varlen": ((4096, 4000, 3800, 3900), 8, None, 4.0),
-    "cut-spread-varlen": ((4096, 2048, 3000, 2500), 8, None, 4.0),
+    "whole-short-varlen-over-waves": (tuple(100 + (i * 37) % 500 for i in range(40)), 8, None, 8.0),
+    "cut-spread-varlen": ((16384, 8192, 12000, 10000), 8, None, 4.0),
     "cut-one-long": ((16384, 100, 100, 100), 8, None, 4.0),
     "whole-with-empty": ((0, 8192, 8192, 8192, 8192, 8192, 8192, 8192, 8192), 9, None, 9.0),
     "whole-over-block": ((300,) * 1500, 6, None, 1500.0),
@@ -373,7 +375,7 @@ def _schedules() -> dict:
         found[name] = {"start": start.tolist(), "splits": splits.tolist(), "slot": slot.tolist(),
                        "first_part": first_part.tolist(), "totals": totals.tolist(), "block_n": config.block_n,
                        "overhead": sd._overhead_units(config), "min_part_units": plan.min_part_units,
-                       "whole_fill": sd.WHOLE_FILL}
+                       "cut_cost_units": sd.CUT_COST_TOKENS / config.block_n}
     return found
 
 
@@ -389,8 +391,10 @@ def test_device_schedule_covers_every_tile_once_and_balances(schedules, name):
     per_part, total, pieces = got["totals"]
     block_n, overhead = got["block_n"], got["overhead"]
     units = [overhead + -(-n // block_n) for n in lengths]
-    waves = -(-len(lengths) // capacity) if capacity else 0
-    whole = capacity > 0 and sum(units) >= got["whole_fill"] * capacity * waves * max(units)
+    if capacity:
+        spread = sum(units) / capacity
+        whole_time = min(-(-len(lengths) // capacity) * max(units), spread + max(units) / 2)
+    whole = capacity > 0 and whole_time <= spread + got["cut_cost_units"]
     assert whole == name.startswith("whole"), "the test's name says which way the device must decide"
     if whole:  # a part per sequence, each as long as the longest sequence's cost
         assert per_part == max(units) and total == len(lengths) * max(units)

@@ -12,22 +12,21 @@ sparse paths, masking) are triton_decode's; what differs is how the work is cut 
    sequence costs its key tiles plus a fixed overhead; all sequences' costs laid end to end are cut
    into equal parts, so a batch of mixed lengths is balanced as well as one of equal lengths
    (FlashMLA's tile-scheduler metadata works the same way). A piece is one sequence's share of one
-   part: a contiguous key range. When the plan allows it (the Hopper path) and the lengths fill
-   the waves of one program per sequence, every sequence is a part of its own instead (no merge);
-   this too is decided here, from the lengths;
+   part: a contiguous key range. When the plan allows it (the Hopper path) and whole sequences
+   would keep the wave about as busy as cut ones (CUT_COST_TOKENS), every sequence is a part of
+   its own instead (no merge); this too is decided here, from the lengths;
 2. `_split_kernel`: one program per (row group, piece), the grid sized for the most pieces there
    can be (sequences + parts). Its program writes the normalised partial output and lse (float32,
-   base 2) to the piece's slot;
+   base 2) to the piece's slot. (The Hopper kernels instead run one program per part, which walks
+   the part's pieces one after the other: a balanced wave whatever the lengths);
 3. `_merge_kernel`: per query row of a sequence and block of output columns, combines its pieces,
    up to MERGE_SPLITS at once, in a fixed order (bit-reproducible): weights 2^(lse_s - max), empty pieces contribute nothing, an
    all-empty row gives out 0 and lse -inf; a sequence of one piece is copied (the same bits). The
    attention sink is applied here;
 4. the plan, from shapes alone: parts = WAVES · R · SMs / row groups (R the config's programs
-   resident per SM), each at least MIN_SPLIT_TOKENS keys' worth of work. On the Hopper path a
-   piece costs a tile or more of fixed work (72 KB of Q, the pipeline's fill, the partial write
-   and merge): one piece per sequence (no merge) when the batch's work would keep the GPU busy
-   for at least WHOLE_FILL of its longest sequence's time (the schedule kernel decides), else one
-   wave of parts (WAVES waves for at most SMALL_PARTIAL_ROWS rows). `launch_decode` with a
+   resident per SM), each at least MIN_SPLIT_TOKENS keys' worth of work. On the Hopper path one
+   wave of parts (a program per SM), or one part per sequence (no merge) when the schedule kernel
+   finds whole sequences no slower. `launch_decode` with a
    plan made ahead reads no tensor on the host: a serving loop can capture schedule, split and
    merge in one CUDA graph.
 
@@ -66,9 +65,11 @@ MIN_SPLIT_TOKENS = 128
 OVERHEAD_TOKENS = 64
 # Parts per resident program slot: pieces of about a third of a wave keep the last wave short.
 WAVES = 3
-# The Hopper path runs whole sequences when the batch's work spread evenly over one wave lasts at
-# least this share of what whole sequences take (their waves times the longest), else it cuts.
-WHOLE_FILL = 0.85
+# What cutting the sequences into one wave of parts costs beyond the work itself (the pieces' partial
+# results written and merged, the merge's launch, a pipeline fill per piece), in keys' worth of one
+# program's work: the Hopper path runs whole sequences unless that gains more (H200, the 20 shapes of
+# `bench_decode.py --sweep whole-or-cut`: benchmarks/triton_decode_results.md).
+CUT_COST_TOKENS = 4096
 # The merge's tile: this many splits × output columns at once.
 MERGE_SPLITS = 32
 MERGE_COLUMNS = 128
@@ -82,7 +83,7 @@ MERGE_ROWS_PER_SM = 4
 
 @triton.jit
 def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals,
-                     num_seqs, num_parts, min_part_units, topk, wave_sequences, whole_fill,
+                     num_seqs, num_parts, min_part_units, topk, wave_sequences, cut_cost_units,
                      BLOCK_N: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, BLOCK_B: tl.constexpr,
                      SPARSE: tl.constexpr):
     """The launch's work plan, made on the device from the lengths (one program; no host sync, so a
@@ -93,18 +94,21 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
     cut into equal parts of per_part = max(cdiv(total, num_parts), min_part_units) units; part p is
     one program per row group. A sequence's splits are the parts that hold its tiles (a part that
     holds only its overhead does not work on it; a sequence with no key is done by the part
-    holding its first unit). A (sequence, part) pair is a piece, the work of one program; pieces are
-    numbered sequence by sequence in part order, and piece k writes its partial result to slot k.
+    holding its first unit). A (sequence, part) pair is a piece; pieces are numbered sequence by
+    sequence in part order, and piece k writes its partial result to slot k. (The tl split kernel
+    runs a program per piece; the Hopper kernels a program per part, walking its pieces.)
     Per sequence this writes the unit its cost starts at, its first part, its split count and its
     first piece; Totals = (per_part, total units, total pieces).
 
-    Whole sequences: a piece has a fixed cost (on the Hopper path 72 KB of Q, the pipeline's fill,
-    the partial write and the merge), so when one piece per sequence keeps the SMs busy anyway it
-    is cheaper not to cut. `wave_sequences` is the number of sequences whose programs make one wave
-    (0: never whole). If the batch's units spread over it last at least WHOLE_FILL of the longest
-    sequence's units (total >= WHOLE_FILL · wave_sequences · longest), every sequence gets a part of
-    its own: per_part = the longest cost and sequence i's units start at i·per_part. Programs are
-    handed to SMs as SMs free up, so whole sequences of mixed lengths over several waves even out."""
+    Whole sequences: cutting has a price (partial results written and merged, the merge's work, a
+    pipeline fill per piece), so when whole sequences keep the SMs nearly as busy it is cheaper not
+    to cut. `wave_sequences` is the number of sequences whose programs make one wave (0: never
+    whole). Cut, the batch takes spread = total / wave_sequences units per program plus
+    `cut_cost_units`; whole, its programs go to SMs as SMs free up, which takes about
+    min(waves · longest, spread + longest / 2) (exact for equal lengths; for mixed lengths over
+    several waves the shorter ones fill in behind the longer). Whole when that is no longer: every
+    sequence gets a part of its own, per_part = the longest cost and sequence i's units start at
+    i·per_part."""
     offs = tl.arange(0, BLOCK_B)
     total = tl.full([], 0, tl.int32)
     longest = tl.full([], 0, tl.int32)
@@ -119,8 +123,10 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
         tl.store(SeqStart + seq, total + tl.cumsum(units, 0) - units, mask=ok)
         total += tl.sum(units, 0)
         longest = tl.maximum(longest, tl.max(units, 0))
-    waves = tl.ceil(num_seqs / tl.maximum(wave_sequences, 1.0))  # waves of whole sequences
-    whole = (wave_sequences > 0.0) & (total.to(tl.float32) >= whole_fill * wave_sequences * waves * longest)
+    capacity = tl.maximum(wave_sequences, 1e-6)
+    spread = total.to(tl.float32) / capacity  # the batch's units spread evenly over one wave
+    whole_time = tl.minimum(tl.ceil(num_seqs / capacity) * longest, spread + 0.5 * longest)
+    whole = (wave_sequences > 0.0) & (whole_time <= spread + cut_cost_units)
     per_part = tl.where(whole, longest, tl.maximum(tl.cdiv(total, num_parts), min_part_units))
     tl.store(Totals, per_part)
     tl.store(Totals + 1, tl.where(whole, num_seqs * longest, total))
@@ -333,7 +339,7 @@ class DecodePlan:
     min_part_units: int  # a part covers at least this many units, so pieces are not too short
     hopper: bool = False  # the split kernel is hopper_decode's (Gluon, sm_90a) rather than the tl one
     wave_sequences: float = 0.0  # sequences whose programs make one wave, for the whole rule (0: always cut)
-    whole_fill: float = WHOLE_FILL  # the whole rule's threshold (0: whole whenever wave_sequences > 0)
+    cut_cost_tokens: float = CUT_COST_TOKENS  # the whole rule's price of cutting (±inf: always whole / cut)
 
 
 def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int,
@@ -393,7 +399,7 @@ def schedule_decode(cache_seqlens: torch.Tensor, num_seqs: int, plan: DecodePlan
     block_n = plan.config.block_n
     _schedule_kernel[(1,)](cache_seqlens, parts[0], parts[1], parts[2], parts[3], totals,
                            num_seqs, plan.num_parts, plan.min_part_units, topk or 0, float(plan.wave_sequences),
-                           float(plan.whole_fill), BLOCK_N=block_n, OVERHEAD_UNITS=_overhead_units(plan.config),
+                           float(plan.cut_cost_tokens) / block_n, BLOCK_N=block_n, OVERHEAD_UNITS=_overhead_units(plan.config),
                            BLOCK_B=_schedule_block(num_seqs), SPARSE=topk is not None,
                            num_warps=4)
     return parts[0], parts[1], parts[2], parts[3], totals
