@@ -338,44 +338,54 @@ SCHEDULES = {
     "per-tile": ((40, 3, 0, 33), 64, 1, 0),
     "all-empty": ((0, 0, 0), 5, 1, 0),
     "batch-over-block": (tuple((i * 37) % 500 for i in range(1500)), 6, None, 0),
-    # whole unless whole sequences on waves of `capacity` programs (about min(waves · longest,
-    # spread + longest / 2) units) take longer than one wave of parts (spread = total / capacity units)
-    # plus the price of cutting (CUT_COST_TOKENS = 4096 keys, 128 units of 32 keys): equal sequences
-    # filling their waves, short ones, close ones are whole; long ones leaving half a wave idle, or
-    # spread out, or one long among short ones are cut
+    # whole unless whole sequences on waves of `capacity` programs take longer than one wave of parts
+    # (spread = total / capacity units) plus the price of cutting (CUT_COST_TOKENS = 1280 keys, 40
+    # units of 32 keys, per sequence per program): equal sequences filling their waves, short ones,
+    # close ones are whole; long ones leaving half a wave idle, spread ones, one long among short ones
+    # are cut
     "whole-equal": ((4096,) * 8, 8, None, 8.0),
     "whole-two-waves": ((16384,) * 16, 8, None, 8.0),
-    "whole-short-half-a-wave": ((4096,) * 4, 8, None, 8.0),
+    "whole-short-half-a-wave": ((100,) * 4, 8, None, 8.0),
     "cut-half-a-wave": ((16384,) * 4, 8, None, 8.0),
     "cut-under-half-a-wave": ((16384,) * 3, 8, None, 8.0),
     "cut-second-wave-half-full": ((16384,) * 12, 8, None, 8.0),
     "whole-varlen": ((4096, 4000, 3800, 3900), 8, None, 4.0),
     "whole-short-varlen-over-waves": (tuple(100 + (i * 37) % 500 for i in range(40)), 8, None, 8.0),
     "cut-spread-varlen": ((16384, 8192, 12000, 10000), 8, None, 4.0),
+    # memory-bound (the few-rows kernel's plan): idle programs' bandwidth goes to the busy ones, so a
+    # spread the compute-bound rule cuts stays whole; one sequence alone is still cut
+    "cut-compute-bound-spread": ((4096, 2048, 2048, 2048), 8, None, 4.0),
+    "whole-memory-bound-spread": ((4096, 2048, 2048, 2048), 8, None, 4.0, True),
+    "cut-memory-bound-alone": ((16384,), 8, None, 8.0, True),
     "cut-one-long": ((16384, 100, 100, 100), 8, None, 4.0),
-    "whole-with-empty": ((0, 8192, 8192, 8192, 8192, 8192, 8192, 8192, 8192), 9, None, 9.0),
+    "whole-with-empty": ((0,) + (300,) * 8, 9, None, 9.0),
     "whole-over-block": ((300,) * 1500, 6, None, 1500.0),
 }
 
 
 def _schedules() -> dict:
     """Worker side: the device schedule of each SCHEDULES entry (bf16 16-row config, block_n 32)."""
+    import dataclasses
+
     from mla_verify.kernels import scheduled_decode as sd
     from mla_verify.kernels import triton_decode as td
 
     config = td.decode_config(torch.bfloat16, 16, 576, 512)
     found = {}
-    for name, (lengths, parts, min_units, capacity) in SCHEDULES.items():
+    for name, (lengths, parts, min_units, capacity, *memory_bound) in SCHEDULES.items():
         plan = sd.DecodePlan(config=config, num_parts=parts,
                              min_part_units=min_units or sd.plan_decode(
                                  torch.empty(1, 1, 16, 576, dtype=torch.bfloat16), torch.empty(0),
                                  torch.empty(0), 512).min_part_units, wave_sequences=capacity)
+        if memory_bound:
+            plan = dataclasses.replace(plan, tail_share=sd.MEMORY_BOUND_TAIL_SHARE, lone_speedup=sd.LONE_SPEEDUP)
         start, splits, slot, first_part, totals = sd.schedule_decode(
             torch.tensor(lengths, dtype=torch.int32), len(lengths), plan)
         found[name] = {"start": start.tolist(), "splits": splits.tolist(), "slot": slot.tolist(),
                        "first_part": first_part.tolist(), "totals": totals.tolist(), "block_n": config.block_n,
                        "overhead": sd._overhead_units(config), "min_part_units": plan.min_part_units,
-                       "cut_cost_units": sd.CUT_COST_TOKENS / config.block_n}
+                       "cut_cost_units": sd.CUT_COST_TOKENS / config.block_n, "tail_share": plan.tail_share,
+                       "lone_speedup": plan.lone_speedup}
     return found
 
 
@@ -386,15 +396,19 @@ def schedules() -> dict:
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_device_schedule_covers_every_tile_once_and_balances(schedules, name):
-    lengths, parts, _, capacity = SCHEDULES[name]
+    lengths, parts, _, capacity, *_ = SCHEDULES[name]
     got = schedules[name]
     per_part, total, pieces = got["totals"]
     block_n, overhead = got["block_n"], got["overhead"]
     units = [overhead + -(-n // block_n) for n in lengths]
-    if capacity:
-        spread = sum(units) / capacity
-        whole_time = min(-(-len(lengths) // capacity) * max(units), spread + max(units) / 2)
-    whole = capacity > 0 and whole_time <= spread + got["cut_cost_units"]
+    whole = False
+    if capacity:  # the cost model of the module's CUT_COST_TOKENS and _schedule_kernel
+        per_program, spread, longest = len(lengths) / capacity, sum(units) / capacity, max(units)
+        alike = min(units) / longest
+        tail = (math.ceil(per_program) - per_program) * alike + 0.5 * (1 - alike)
+        greedy = max(longest, spread + tail * longest)
+        whole_time = max(spread + got["tail_share"] * (greedy - spread), longest / got["lone_speedup"])
+        whole = whole_time <= spread + got["cut_cost_units"] * per_program
     assert whole == name.startswith("whole"), "the test's name says which way the device must decide"
     if whole:  # a part per sequence, each as long as the longest sequence's cost
         assert per_part == max(units) and total == len(lengths) * max(units)
@@ -429,7 +443,7 @@ def test_part_walks_visit_every_piece_once_in_key_order(schedules, name):
     parts. The same arithmetic here, on the device's schedule: every piece is visited by exactly one
     program, the key ranges of a sequence's pieces tile [0, length) in slot order, and no program
     past the grid has work."""
-    lengths, parts, _, _ = SCHEDULES[name]
+    lengths, parts, *_ = SCHEDULES[name]
     got = schedules[name]
     per_part, total, pieces = got["totals"]
     block_n, overhead = got["block_n"], got["overhead"]

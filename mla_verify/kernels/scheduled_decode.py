@@ -65,11 +65,19 @@ MIN_SPLIT_TOKENS = 128
 OVERHEAD_TOKENS = 64
 # Parts per resident program slot: pieces of about a third of a wave keep the last wave short.
 WAVES = 3
-# What cutting the sequences into one wave of parts costs beyond the work itself (the pieces' partial
-# results written and merged, the merge's launch, a pipeline fill per piece), in keys' worth of one
-# program's work: the Hopper path runs whole sequences unless that gains more (H200, the 20 shapes of
-# `bench_decode.py --sweep whole-or-cut`: benchmarks/triton_decode_results.md).
-CUT_COST_TOKENS = 4096
+# The Hopper path's choice between whole sequences and one wave of parts (`_schedule_kernel`), a cost
+# model fitted to H200 runs (`bench_decode.py --sweep whole-or-cut`, 20 shapes and b = 1:
+# benchmarks/triton_decode_results.md). Cutting costs, beyond the work itself, this many keys' worth
+# of a program's time per sequence per program of the wave (partial results written and merged, a
+# pipeline fill per piece): measured 18-23 tiles of 64 keys at h = 16 and b/wave 0.97, 36-41 at
+# h = 128 and b/wave 1.94.
+CUT_COST_TOKENS = 1280
+# Whole sequences on the few-rows kernel are memory-bound: while some programs idle, the busy ones
+# draw more of the bandwidth, so only this share of the idle tail costs time (0.54-0.58 measured at
+# h = 16), and a program alone runs at most LONE_SPEEDUP times its fair share (48 GB/s against
+# 32 at b = 1). The 64-row kernel is compute-bound: the whole tail costs, no speed-up.
+MEMORY_BOUND_TAIL_SHARE = 0.55
+LONE_SPEEDUP = 1.5
 # The merge's tile: this many splits × output columns at once.
 MERGE_SPLITS = 32
 MERGE_COLUMNS = 128
@@ -83,7 +91,8 @@ MERGE_ROWS_PER_SM = 4
 
 @triton.jit
 def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals,
-                     num_seqs, num_parts, min_part_units, topk, wave_sequences, cut_cost_units,
+                     num_seqs, num_parts, min_part_units, topk, wave_sequences, cut_cost_units, tail_share,
+                     lone_speedup,
                      BLOCK_N: tl.constexpr, OVERHEAD_UNITS: tl.constexpr, BLOCK_B: tl.constexpr,
                      SPARSE: tl.constexpr):
     """The launch's work plan, made on the device from the lengths (one program; no host sync, so a
@@ -100,18 +109,20 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
     Per sequence this writes the unit its cost starts at, its first part, its split count and its
     first piece; Totals = (per_part, total units, total pieces).
 
-    Whole sequences: cutting has a price (partial results written and merged, the merge's work, a
-    pipeline fill per piece), so when whole sequences keep the SMs nearly as busy it is cheaper not
-    to cut. `wave_sequences` is the number of sequences whose programs make one wave (0: never
-    whole). Cut, the batch takes spread = total / wave_sequences units per program plus
-    `cut_cost_units`; whole, its programs go to SMs as SMs free up, which takes about
-    min(waves · longest, spread + longest / 2) (exact for equal lengths; for mixed lengths over
-    several waves the shorter ones fill in behind the longer). Whole when that is no longer: every
-    sequence gets a part of its own, per_part = the longest cost and sequence i's units start at
-    i·per_part."""
+    Whole sequences: cutting has a price (partial results written and merged, a pipeline fill per
+    piece), so when whole sequences keep the SMs about as busy it is cheaper not to cut.
+    `wave_sequences` is the number of sequences whose programs make one wave (0: never whole); in
+    units of one program's work, cut takes spread = total / wave_sequences plus `cut_cost_units` per
+    sequence per program; whole sequences go to SMs as SMs free up and take greedy = max(longest,
+    spread + tail · longest), tail the last wave's idle share for equal lengths and about half of
+    the longest for mixed ones, of which only `tail_share` costs time and no less than longest /
+    `lone_speedup` (memory-bound programs share the bandwidth of idle ones). Whole when that is no
+    longer: every sequence gets a part of its own, per_part = the longest cost and sequence i's units
+    start at i·per_part."""
     offs = tl.arange(0, BLOCK_B)
     total = tl.full([], 0, tl.int32)
     longest = tl.full([], 0, tl.int32)
+    shortest = tl.full([], 2**30, tl.int32)
     for first in range(0, num_seqs, BLOCK_B):
         seq = first + offs
         ok = seq < num_seqs
@@ -123,10 +134,17 @@ def _schedule_kernel(SeqLens, SeqStart, SeqSplits, SeqSlot, SeqFirstPart, Totals
         tl.store(SeqStart + seq, total + tl.cumsum(units, 0) - units, mask=ok)
         total += tl.sum(units, 0)
         longest = tl.maximum(longest, tl.max(units, 0))
+        shortest = tl.minimum(shortest, tl.min(tl.where(ok, units, 2**30), 0))
     capacity = tl.maximum(wave_sequences, 1e-6)
-    spread = total.to(tl.float32) / capacity  # the batch's units spread evenly over one wave
-    whole_time = tl.minimum(tl.ceil(num_seqs / capacity) * longest, spread + 0.5 * longest)
-    whole = (wave_sequences > 0.0) & (whole_time <= spread + cut_cost_units)
+    per_program = num_seqs / capacity  # sequences per program of the wave
+    spread = total.to(tl.float32) / capacity  # the batch's units spread evenly over the wave
+    # whole sequences as SMs free up: equal ones leave the last wave's idle tail (waves - per_program),
+    # mixed ones about half the longest
+    alike = shortest.to(tl.float32) / tl.maximum(longest, 1).to(tl.float32)
+    tail = (tl.ceil(per_program) - per_program) * alike + 0.5 * (1.0 - alike)
+    greedy = tl.maximum(longest.to(tl.float32), spread + tail * longest)
+    whole_time = tl.maximum(spread + tail_share * (greedy - spread), longest / lone_speedup)
+    whole = (wave_sequences > 0.0) & (whole_time <= spread + cut_cost_units * per_program)
     per_part = tl.where(whole, longest, tl.maximum(tl.cdiv(total, num_parts), min_part_units))
     tl.store(Totals, per_part)
     tl.store(Totals + 1, tl.where(whole, num_seqs * longest, total))
@@ -340,6 +358,8 @@ class DecodePlan:
     hopper: bool = False  # the split kernel is hopper_decode's (Gluon, sm_90a) rather than the tl one
     wave_sequences: float = 0.0  # sequences whose programs make one wave, for the whole rule (0: always cut)
     cut_cost_tokens: float = CUT_COST_TOKENS  # the whole rule's price of cutting (±inf: always whole / cut)
+    tail_share: float = 1.0  # the share of whole sequences' idle tail that costs time (memory-bound: less)
+    lone_speedup: float = 1.0  # how much faster than its fair share a program alone runs
 
 
 def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int,
@@ -362,10 +382,15 @@ def plan_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Te
     min_part_units = _overhead_units(config) + triton.cdiv(MIN_SPLIT_TOKENS, config.block_n)
     if hopper:
         # one program per part, walking the part's pieces: one wave of equal parts; whole sequences
-        # (no partial results, no merge) when they would keep the wave nearly as busy (decided on
-        # the device from the lengths: `_schedule_kernel`)
+        # (no partial results, no merge) when they would take no longer (decided on the device from
+        # the lengths: `_schedule_kernel`)
+        from mla_verify.kernels import hopper_decode
+
+        memory_bound = num_rows <= hopper_decode.FEW_ROWS
         return DecodePlan(config=config, num_parts=max(1, wave // groups), min_part_units=min_part_units,
-                          hopper=True, wave_sequences=wave / groups)
+                          hopper=True, wave_sequences=wave / groups,
+                          tail_share=MEMORY_BOUND_TAIL_SHARE if memory_bound else 1.0,
+                          lone_speedup=LONE_SPEEDUP if memory_bound else 1.0)
     return DecodePlan(config=config, num_parts=max(1, WAVES * wave // groups), min_part_units=min_part_units)
 
 
@@ -399,7 +424,8 @@ def schedule_decode(cache_seqlens: torch.Tensor, num_seqs: int, plan: DecodePlan
     block_n = plan.config.block_n
     _schedule_kernel[(1,)](cache_seqlens, parts[0], parts[1], parts[2], parts[3], totals,
                            num_seqs, plan.num_parts, plan.min_part_units, topk or 0, float(plan.wave_sequences),
-                           float(plan.cut_cost_tokens) / block_n, BLOCK_N=block_n, OVERHEAD_UNITS=_overhead_units(plan.config),
+                           float(plan.cut_cost_tokens) / block_n, float(plan.tail_share), float(plan.lone_speedup),
+                           BLOCK_N=block_n, OVERHEAD_UNITS=_overhead_units(plan.config),
                            BLOCK_B=_schedule_block(num_seqs), SPARSE=topk is not None,
                            num_warps=4)
     return parts[0], parts[1], parts[2], parts[3], totals
