@@ -6,8 +6,10 @@ third of the bf16 matmul rate when many query rows share each cache tile (h·s_q
 P·V) run strictly one after the other; with few rows it gathers the paged cache through registers
 (no cp.async) and stays near two thirds of the copy bandwidth. This module replaces that kernel's
 split kernel on Hopper; scheduled_decode's `launch_decode` picks it when `supports` says so, with the
-same device schedule (one program per piece: up to 64 query rows × one key range of one sequence)
-and the same merge:
+same device schedule and the same merge. Where the tl kernel runs a program per piece (one key range
+of one sequence), these run a program per part of the schedule (up to 64 query rows × one part),
+walking the part's pieces one after the other, so that a wave of parts is balanced whatever the
+lengths (as FlashMLA's persistent scheduler):
 
     supports(q, kv_cache, head_dim_v, ...) -> bool        may this path run these inputs?
     hopper_split_launch(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, out, lse,
@@ -16,10 +18,13 @@ and the same merge:
 
 What one program does (read `_hopper_split_kernel` top to bottom):
 
-  0. Find its piece in the schedule (rows fold s_q·h_q as in scheduled_decode: row r = query r // h_q,
-     head r % h_q): the sequence, the part, hence the key range [start, end).
-  1. Stage Q: the program's 64 rows of q (latent 512 + rope 64 columns) are loaded once and kept in
-     shared memory for the whole key range (72 KB), in the swizzled layout the tensor cores read.
+  0. Find its part's sequences in the schedule (`_part_sequences`: one vector count), then for each,
+     its piece (`_piece_range`: the slot and the key range [start, end)). Rows fold s_q·h_q as in
+     scheduled_decode: row r = query r // h_q, head r % h_q. Steps 1-7 run once per piece, in shared
+     memory allocated once; the ring's stage and barrier phase carry on from piece to piece.
+  1. Stage Q: the program's 64 rows of the piece's q (latent 512 + rope 64 columns) are loaded once
+     and kept in shared memory for the whole key range (72 KB), in the swizzled layout the tensor
+     cores read.
   2. Stage K: each 64-key tile is one page slice of the paged cache. The cache is viewed as a 2-D
      [num_blocks·page_size, 576] tensor (row = block·page_size + slot) and a tile is fetched by TMA
      (bulk tensor copies: latent [64, 512] and rope [64, 64]) into a 2-stage ring of shared-memory
@@ -44,6 +49,9 @@ What one program does (read `_hopper_split_kernel` top to bottom):
   7. Epilogue: O / l and lse; the final out (q's dtype) and lse (natural log, [b, h, s_q]) when the
      piece is its sequence's only one, else the float32 normalised partial output and base-2 lse
      (−inf for no key) in the piece's slot, for scheduled_decode's merge.
+     Not done: the next piece's first tiles are not fetched during this piece's last ones (its
+     block-table row and Q are only known then), so each piece after the first starts with an empty
+     ring; the schedule counts a piece's fixed cost in its plan (benchmarks/hopper_notes.md).
 
 Masking and poison: TMA always copies whole 64-row tiles, so a range whose end is not a multiple of 64
 reads slots past the sequence's length (data of no one, possibly NaN or Inf). Their scores become −inf
@@ -70,10 +78,11 @@ V from the same ring stage through a transposed view. One warpgroup for 16 rows;
 takes half of the rows of Sᵀ and alternate 64-column blocks of Oᵀ; one warpgroup's [512, 32]
 accumulator would spill). Q takes 18 or 36 KB, so the ring still has two 72 KB stages.
 
-Compiles with Triton 3.6 (the GPU machine: 240–242 registers, no spills, 229,904 bytes of shared memory;
-the few-rows kernel 150 registers at 32 rows, 168,208 / 188,944 bytes) and 3.9 (CI; its build of the
-8-warp kernel spills ~144 bytes of scalars, not measured on a GPU); the few API differences are
-resolved once, in the compatibility block below.
+Compiles with Triton 3.6 (the GPU machine: the 8-warp kernel 255 registers, no spills, 229,904 bytes of
+shared memory; the few-rows kernel 177 / 235 registers at 32 / 16 rows, no spills, 221,200 / 200,720
+bytes: its buffers now live across the piece loop, so the epilogue's layout conversion no longer
+reuses the ring) and 3.9 (CI; its build of the 8-warp kernel spills 168-184 bytes of scalars, not
+measured on a GPU); the few API differences are resolved once, in the compatibility block below.
 """
 
 from __future__ import annotations
