@@ -320,8 +320,7 @@ def sweep_whole_or_cut() -> None:
     print("\nsweep: Hopper kernel, graph µs: the plan's choice | whole sequences | one wave of parts", flush=True)
     for h, b, length, s_q in ((16, 128, 16384, 1), (16, 128, 4096, 1), (16, 128, 4096, 2), (16, 64, 16384, 1),
                               (16, 200, 4096, 1), (128, 128, 16384, 1), (128, 128, 4096, 1), (128, 128, 4096, 2),
-                              (128, 64, 4096, 1), (128, 200, 4096, 1), (16, 1, 16384, 1), (16, 1, 4096, 1),
-                              (128, 1, 16384, 1)):
+                              (128, 64, 4096, 1), (128, 200, 4096, 1)):
         for varlen in (False, True):
             cells = []
             for name, cost in (("plan", None), ("whole", 1e30), ("cut", -1e30)):

@@ -19,10 +19,10 @@ sparse paths, masking) are triton_decode's; what differs is how the work is cut 
    can be (sequences + parts). Its program writes the normalised partial output and lse (float32,
    base 2) to the piece's slot. (The Hopper kernels instead run one program per part, which walks
    the part's pieces one after the other: a balanced wave whatever the lengths);
-3. `_merge_kernel`: per block of query rows of a sequence and block of output columns, combines
-   its pieces in one pass, up to MERGE_SPLITS at once, in a fixed order (bit-reproducible):
-   weights 2^(lse_s - max), empty pieces contribute nothing, an all-empty row gives out 0 and lse
-   -inf; a sequence of one piece is copied (the same bits). The attention sink is applied here;
+3. `_merge_kernel`: per query row of a sequence and block of output columns, combines its pieces,
+   up to MERGE_SPLITS at once, in a fixed order (bit-reproducible): weights 2^(lse_s - max), empty pieces contribute nothing, an
+   all-empty row gives out 0 and lse -inf; a sequence of one piece is copied (the same bits). The
+   attention sink is applied here;
 4. the plan, from shapes alone: parts = WAVES · R · SMs / row groups (R the config's programs
    resident per SM), each at least MIN_SPLIT_TOKENS keys' worth of work. On the Hopper path one
    wave of parts (a program per SM), or one part per sequence (no merge) when the schedule kernel
@@ -55,7 +55,7 @@ from mla_verify.kernels.triton_decode import (FORMAT_CODES, LN2, LOG2E, LOG2E_C,
                                               decode_config, interpreting, launch_fitting)
 
 __all__ = ["scheduled_paged_decode", "paged_decode", "DecodePlan", "plan_decode", "schedule_decode",
-           "launch_decode", "merge_tiles", "HOPPER_CONFIG"]
+           "launch_decode", "HOPPER_CONFIG"]
 
 # A part covers at least this many keys' worth of work (except the last): below it the partial
 # results written and merged cost more than the parallelism gains.
@@ -78,13 +78,10 @@ CUT_COST_TOKENS = 1280
 # 32 at b = 1). The 64-row kernel is compute-bound: the whole tail costs, no speed-up.
 MEMORY_BOUND_TAIL_SHARE = 0.55
 LONE_SPEEDUP = 1.5
-# The merge's tile (`merge_tiles`): at most this many pieces at once; MERGE_ROWS rows × MERGE_COLUMNS
-# columns a program when the sequences' rows number MERGE_ROWS_PER_SM per SM, else one row ×
-# MERGE_FEW_COLUMNS (more programs for few rows cut into many pieces).
+# The merge's tile: this many splits × output columns at once.
 MERGE_SPLITS = 32
-MERGE_ROWS = 8
 MERGE_COLUMNS = 128
-MERGE_FEW_COLUMNS = 64
+# The merge gives a program a whole row when there are this many rows per SM (else MERGE_COLUMNS).
 MERGE_ROWS_PER_SM = 4
 
 
@@ -279,63 +276,66 @@ def _split_kernel(Q, Cache, Scales, Rope, KScale, BlockTable, SeqLens, Indices, 
 def _merge_kernel(OutPart, LsePart, SeqSplits, SeqSlot, Sink, Out, Lse, num_rows, h_q, s_q,
                   stride_ob, stride_os, stride_oh, stride_od,
                   stride_lb, stride_lh, stride_ls,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr,
                   SPARSE: tl.constexpr, ATTN_SINK: tl.constexpr, FINAL_IN_SPLIT: tl.constexpr):
-    """BLOCK_R query rows of one sequence, BLOCK_C output columns: the pieces' partial outputs weighted
-    by 2^(lse_piece - max), in one pass over the pieces, BLOCK_S at a time (an online rescale, as in
-    the split kernel): each chunk's lse [BLOCK_S, BLOCK_R] and partials [BLOCK_S, BLOCK_R, BLOCK_C]
-    are loaded together, so a chunk costs one round trip to memory whatever the number of pieces in
-    it. The sums run in a fixed order (bit-reproducible). An empty piece (lse -inf) gets weight 0 and
-    contributes exactly 0 whatever its partial holds; an all-empty row gives out 0 and lse -inf. A
-    sequence of one piece gets weight 2^0 = 1 (the same bits as storing its partial), unless the
-    split kernel stored it itself (FINAL_IN_SPLIT)."""
+    """One query row of one sequence, COLUMNS output columns (BLOCK_C at a time): the splits' partial
+    outputs weighted by 2^(lse_split - max). BLOCK_S splits are loaded at once (one vector of lse,
+    one [BLOCK_S, BLOCK_C] tile of partials), so a long sequence cut into a wave of parts costs a few
+    loads, not one dependent load per split; the sums run in a fixed order (bit-reproducible).
+    Empty splits (lse -inf) get weight 0 and their partials are never read; an all-empty row gives
+    out 0 and lse -inf. A sequence of one split is copied (weight 2^0 = 1: the same bits as storing
+    it directly), unless the split kernel stored it itself (FINAL_IN_SPLIT)."""
+    row = tl.program_id(0)
     seq = tl.program_id(1)
     splits = tl.load(SeqSplits + seq)
     if (splits > 1) or (not FINAL_IN_SPLIT):
         pid_b = seq.to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < num_rows
-        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < HEAD_DIM_V
         if SPARSE:  # sequence = (batch row, query), rows = heads
             batch = pid_b // s_q
-            query = (pid_b % s_q) + rows * 0
-            head = rows
+            query = pid_b % s_q
+            head = row
         else:
             batch = pid_b
-            query = rows // h_q
-            head = rows % h_q
-        first_slot = tl.load(SeqSlot + seq).to(tl.int64)
+            query = row // h_q
+            head = row % h_q
+        first_row = tl.load(SeqSlot + seq).to(tl.int64) * num_rows + row
         offs_s = tl.arange(0, BLOCK_S)
-        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_R], tl.float32)
-        acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        m = tl.full([], float("-inf"), tl.float32)
         for chunk in range(0, splits, BLOCK_S):
-            piece_ok = chunk + offs_s < splits
-            part_rows = (first_slot + chunk + offs_s)[:, None] * num_rows + rows[None, :]  # [S, R]
-            ok = piece_ok[:, None] & row_ok[None, :]
-            lse = tl.load(LsePart + part_rows, mask=ok, other=float("-inf"))
-            o = tl.load(OutPart + part_rows[:, :, None] * HEAD_DIM_V + cols[None, None, :],
-                        mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
-            m_new = tl.maximum(m, tl.max(lse, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            rescale = tl.math.exp2(m - m_safe)  # 0 while m is -inf
-            weight = tl.math.exp2(lse - m_safe[None, :])  # [S, R]; 0 for an empty piece
-            total = total * rescale + tl.sum(weight, 0)
-            acc = acc * rescale[:, None] + tl.sum(tl.where(weight[:, :, None] > 0.0, weight[:, :, None] * o, 0.0), 0)
-            m = m_new
-        has_key = total > 0.0
+            lse = tl.load(LsePart + first_row + (chunk + offs_s) * num_rows, mask=chunk + offs_s < splits,
+                          other=float("-inf"))
+            m = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.full([], 0.0, tl.float32)
+        for chunk in range(0, splits, BLOCK_S):
+            lse = tl.load(LsePart + first_row + (chunk + offs_s) * num_rows, mask=chunk + offs_s < splits,
+                          other=float("-inf"))
+            total += tl.sum(tl.math.exp2(lse - m_safe), 0)
+        has_key = total > 0.0
         lse2 = tl.where(has_key, m_safe + tl.math.log2(tl.where(has_key, total, 1.0)), float("-inf"))
-        out = acc / tl.where(has_key, total, 1.0)[:, None]
+        denominator = tl.where(has_key, total, 1.0)
+        sink_factor = 1.0
         if ATTN_SINK:  # out · 1 / (1 + 2^(sink·log2 e − lse₂)); lse unchanged
-            sink = tl.load(Sink + head, mask=row_ok, other=0.0)
-            out = out * tl.where(has_key, 1.0 / (1.0 + tl.math.exp2(sink * LOG2E_C - lse2)), 0.0)[:, None]
-        out_rows = Out + batch * stride_ob + query * stride_os + head * stride_oh
-        tl.store(out_rows[:, None] + cols[None, :] * stride_od, out.to(Out.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+            sink = tl.load(Sink + head)
+            sink_factor = tl.where(has_key, 1.0 / (1.0 + tl.math.exp2(sink * LOG2E_C - lse2)), 0.0)
+        out_row = Out + batch * stride_ob + query * stride_os + head * stride_oh
+        for c in tl.static_range(0, COLUMNS, BLOCK_C):
+            cols = tl.program_id(2) * COLUMNS + c + tl.arange(0, BLOCK_C)
+            acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for chunk in range(0, splits, BLOCK_S):
+                split = chunk + offs_s
+                weight = tl.math.exp2(tl.load(LsePart + first_row + split * num_rows, mask=split < splits,
+                                              other=float("-inf")) - m_safe)
+                part_rows = first_row + split * num_rows
+                o = tl.load(OutPart + part_rows[:, None] * HEAD_DIM_V + cols[None, :],
+                            mask=(weight > 0.0)[:, None] & (cols < HEAD_DIM_V)[None, :], other=0.0)
+                acc += tl.sum(weight[:, None] * o, 0)
+            out = acc / denominator
+            if ATTN_SINK:
+                out = out * sink_factor
+            tl.store(out_row + cols * stride_od, out.to(Out.dtype.element_ty), mask=cols < HEAD_DIM_V)
         if tl.program_id(2) == 0:
-            tl.store(Lse + batch * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2, mask=row_ok)
+            tl.store(Lse + batch * stride_lb + head * stride_lh + query * stride_ls, lse2 * LN2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,18 +435,6 @@ def schedule_decode(cache_seqlens: torch.Tensor, num_seqs: int, plan: DecodePlan
 # Host wrappers
 # ----------------------------------------------------------------------------------------------
 
-def merge_tiles(num_rows: int, num_seqs: int, num_parts: int, head_dim_v: int, sms: int) -> tuple[int, int, int]:
-    """The merge's tile (pieces, rows, columns a chunk): pieces for the most a sequence is likely cut
-    into (a sequence's share of the parts, and room for the two ends), up to MERGE_SPLITS; when the
-    rows of all sequences fill the GPU (MERGE_ROWS_PER_SM per SM), MERGE_ROWS rows × MERGE_COLUMNS
-    columns a program, else one row × MERGE_FEW_COLUMNS (b = 1: 16 rows, up to 132 pieces each)."""
-    block_s = min(MERGE_SPLITS, _pow2_at_least(-(-num_parts // max(num_seqs, 1)) + 2, 2))
-    block_v = _pow2_at_least(head_dim_v)
-    if num_rows * num_seqs >= MERGE_ROWS_PER_SM * sms:
-        return block_s, min(MERGE_ROWS, _pow2_at_least(num_rows)), min(block_v, MERGE_COLUMNS)
-    return block_s, 1, min(block_v, MERGE_FEW_COLUMNS)
-
-
 def _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plan, kv_format,
                   k_scale, indices, out_part, lse_part, schedule) -> None:
     """The portable (tl) split kernel over grid (row groups, num_seqs + num_parts): one program per piece."""
@@ -512,14 +500,17 @@ def launch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     else:  # writes every piece as a partial result
         _launch_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, plan, kv_format,
                       k_scale, indices, out_part, lse_part, schedule)
-    block_s, block_r, block_c = merge_tiles(num_rows, num_seqs, num_parts, head_dim_v, _sm_count(q.device))
-    _merge_kernel[(triton.cdiv(num_rows, block_r), num_seqs, triton.cdiv(head_dim_v, block_c))](
+    # a program a row and MERGE_COLUMNS columns when rows are few (b = 1), a whole row when they fill the GPU
+    block_v = _pow2_at_least(head_dim_v)
+    block_c = min(block_v, MERGE_COLUMNS)
+    columns = block_v if num_rows * num_seqs >= MERGE_ROWS_PER_SM * _sm_count(q.device) else block_c
+    _merge_kernel[(num_rows, num_seqs, triton.cdiv(head_dim_v, columns))](
         out_part, lse_part, seq_splits, seq_slot, attn_sink if attn_sink is not None else q, out, lse,
         num_rows, h_q, s_q,
         *out.stride(),
         *lse.stride(),
-        HEAD_DIM_V=head_dim_v, BLOCK_S=block_s, BLOCK_R=block_r, BLOCK_C=block_c, SPARSE=sparse,
-        ATTN_SINK=attn_sink is not None, FINAL_IN_SPLIT=hopper, num_warps=4,
+        HEAD_DIM_V=head_dim_v, BLOCK_S=min(MERGE_SPLITS, _pow2_at_least(num_parts, 2)), BLOCK_C=block_c,
+        COLUMNS=columns, SPARSE=sparse, ATTN_SINK=attn_sink is not None, FINAL_IN_SPLIT=hopper, num_warps=4,
     )
     return out, lse
 
