@@ -6,10 +6,9 @@
    and the few-rows kernel's 32- and 16-row tiles.
 2. Correctness: scheduled_decode's launch with the Hopper split kernel (its schedule and merge) against
    mla_verify's float64 reference (paged_decode_reference), beside the project's tl kernel on the same
-   inputs. Cases: h 64
-   and 128, and 1, 8, 16 (fewer than 64 rows), s_q 1, 2 and 4 (causal), b 1..8, 120-128 (the device
-   schedule's whole-sequence branch) and 136-140 (one wave of parts, several sequences each), lengths 0, 1, 63, 64, 65, 1000, ... varied per
-   sequence, pages permuted, unused block-table entries int32-max, NaN in every cache slot past a
+   inputs. Cases: h 64 and 128, and 1, 8, 16 (fewer than 64 rows), s_q 1, 2 and 4 (causal), b 1..8,
+   120-128 (the device schedule's whole-sequence branch) and 136-140 (one wave of parts, several
+   sequences each), lengths 0, 1, 63, 64, 65, 1000, ... varied per sequence, pages permuted, unused block-table entries int32-max, NaN in every cache slot past a
    length and in every unused page, bf16 and fp16, part counts the plan's / 1 / 3 / 7. (Unwritten
    outputs are caught by the suite's poisoned allocator in `mla-verify certify`.) Reported: relative L2 error of out
    over the rows that see a key, max |Δlse| over them, and exact empty-row handling (out 0, lse -inf).

@@ -150,6 +150,25 @@ def _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start
 
 
 @gluon.jit
+def _start_piece(Q, pid_b, q_rows, q_ok, q_cols, h_q, stride_qb, stride_qs, stride_qh, q_lat, q_rope,
+                 lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, n_tiles,
+                 PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM_V: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """A piece's start: its first NUM_STAGES tiles start loading into the ring (empty: every earlier
+    tile was consumed and its readers awaited), then the piece's query rows (sequence pid_b) go global ->
+    registers -> swizzled shared memory behind them (rows past the last as zeros; the previous
+    piece's last wgmma reading Q was awaited before a CTA barrier), fenced for wgmma."""
+    for i in gl.static_range(NUM_STAGES):
+        _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, i, n_tiles,
+                         PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
+    q_ptr = gl.expand_dims(Q + pid_b * stride_qb + (q_rows // h_q) * stride_qs + (q_rows % h_q) * stride_qh, 1)
+    for c in gl.static_range(HEAD_DIM_V // 64):
+        q_lat.slice(c * 64, 64, dim=1).store(gl.load(q_ptr + c * 64 + q_cols, mask=q_ok, other=0.0))
+    q_rope.store(gl.load(q_ptr + HEAD_DIM_V + q_cols, mask=q_ok, other=0.0))
+    fence_async_shared()  # generic-proxy stores of Q, read next by wgmma (async proxy)
+    _cta_barrier()
+
+
+@gluon.jit
 def _qk(q_lat, q_rope, k_lat, k_rope, s_zero):
     """Issue S = Q·Kᵀ (latent part, then rope part into the same fp32 accumulator) without waiting."""
     s = warpgroup_mma(q_lat, k_lat.permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -301,21 +320,10 @@ def _hopper_split_kernel(
         n_tiles = gl.maximum(gl.cdiv(end - start, BLOCK_N), 0)
         table_row = BlockTable + pid_b * stride_tb
 
-        # -- stage K: the first NUM_STAGES tiles start loading now, behind the Q load --------------------
-        # (the ring is empty: every earlier tile was consumed and its readers awaited)
-        for i in gl.static_range(NUM_STAGES):
-            _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, i, n_tiles,
-                             PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
-
-        # -- stage Q: global -> registers -> swizzled shared memory (rows past num_rows as zeros) ---------
-        # (the previous piece's last wgmma reading Q was awaited before a CTA barrier)
-        q_ptr = gl.expand_dims(Q + pid_b * stride_qb + (q_rows // h_q) * stride_qs + (q_rows % h_q) * stride_qh, 1)
-        for c in gl.static_range(HEAD_DIM_V // 64):
-            x = gl.load(q_ptr + c * 64 + q_cols, mask=q_ok, other=0.0)
-            q_lat.slice(c * 64, 64, dim=1).store(x)
-        q_rope.store(gl.load(q_ptr + HEAD_DIM_V + q_cols, mask=q_ok, other=0.0))
-        fence_async_shared()  # generic-proxy stores of Q, read next by wgmma (async proxy)
-        _cta_barrier()
+        # -- stage K (the first NUM_STAGES tiles start loading) and Q ---------------------------------------
+        _start_piece(Q, pid_b, q_rows, q_ok, q_cols, h_q, stride_qb, stride_qs, stride_qh, q_lat, q_rope,
+                     lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, n_tiles,
+                     PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
 
         # -- running state ---------------------------------------------------------------------------
         acc = gl.zeros([BLOCK_M, HEAD_DIM_V], gl.float32, o_layout)  # unnormalised O
@@ -450,16 +458,9 @@ def _hopper_few_rows_kernel(
         n_tiles = gl.maximum(gl.cdiv(end - start, BLOCK_N), 0)
         table_row = BlockTable + pid_b * stride_tb
 
-        for i in gl.static_range(NUM_STAGES):
-            _issue_tile_load(lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, i, n_tiles,
-                             PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
-
-        q_ptr = gl.expand_dims(Q + pid_b * stride_qb + (q_rows // h_q) * stride_qs + (q_rows % h_q) * stride_qh, 1)
-        for c in gl.static_range(HEAD_DIM_V // 64):
-            q_lat.slice(c * 64, 64, dim=1).store(gl.load(q_ptr + c * 64 + q_cols, mask=q_ok, other=0.0))
-        q_rope.store(gl.load(q_ptr + HEAD_DIM_V + q_cols, mask=q_ok, other=0.0))
-        fence_async_shared()
-        _cta_barrier()
+        _start_piece(Q, pid_b, q_rows, q_ok, q_cols, h_q, stride_qb, stride_qs, stride_qh, q_lat, q_rope,
+                     lat_desc, rope_desc, k_lat, k_rope, ready, table_row, start, done, n_tiles,
+                     PAGE_SIZE, BLOCK_N, HEAD_DIM_V, NUM_STAGES)
 
         # -- running state (per query row: axis 1 of Sᵀ and Oᵀ) --------------------------------------
         acc = gl.zeros([HEAD_DIM_V, ROWS], gl.float32, o_layout)  # unnormalised Oᵀ
