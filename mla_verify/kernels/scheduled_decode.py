@@ -69,8 +69,8 @@ WAVES = 3
 # model fitted to H200 runs (`bench_decode.py --sweep whole-or-cut`, 20 shapes and b = 1:
 # benchmarks/triton_decode_results.md). Cutting costs, beyond the work itself, this many keys' worth
 # of a program's time per sequence per program of the wave (partial results written and merged, a
-# pipeline fill per piece): measured 18-23 tiles of 64 keys at h = 16 and b/wave 0.97, 36-41 at
-# h = 128 and b/wave 1.94.
+# pipeline fill per piece; Nsight Compute puts most of it in the merge): measured 18-23 tiles of 64
+# keys at h = 16 and b/wave 0.97, 36-41 at h = 128 and b/wave 1.94.
 CUT_COST_TOKENS = 1280
 # Whole sequences on the few-rows kernel are memory-bound: while some programs idle, the busy ones
 # draw more of the bandwidth, so only this share of the idle tail costs time (0.54-0.58 measured at
