@@ -29,9 +29,9 @@ from mla_verify.rounding import worst_ratio
 SCALES = ("inverse_sqrt_d", "deepseek_v3")
 
 
-def grid(heads: list[int], lengths: list[int], device: str) -> list[DecodeCase]:
+def grid(heads: list[int], lengths: list[int], device: str, regime: str = "unit") -> list[DecodeCase]:
     return [DecodeCase(dtype="bfloat16", batch=4, s_q=1, heads=h, d=576, head_dim_v=512, page_size=64,
-                       lengths=(n, n - 1, n - 37, n // 2 + 1), causal=False, regime="unit", scale=scale,
+                       lengths=(n, n - 1, n - 37, n // 2 + 1), causal=False, regime=regime, scale=scale,
                        permute_pages=True, strided_cache=False, extra_blocks=0, seed=n + h, layout_seed=1,
                        device=device)
             for h in heads for n in lengths for scale in SCALES]
@@ -71,12 +71,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--heads", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--regime", default="unit", help="the cases' data regime (mla_verify.decode.case.REGIMES)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     rows = []
     print("| implementation | h | L | scale | max abs lse error | max rel. RMS | max cos. dist. | sound | sharp | verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for case in grid(args.heads, args.lengths, args.device):
+    for case in grid(args.heads, args.lengths, args.device, args.regime):
         for spec in args.impl:
             row = measure(resolve(spec), case)
             rows.append(row)

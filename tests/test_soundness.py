@@ -6,7 +6,8 @@ kernels are the project's torch kernel, the zoo's fp32 template and the legitima
 tests/zoo/legit.py (online exp2 softmax with P rounded to the input type, split-KV with 16
 splits and a log-sum-exp merge, the same with bf16 partials declared, reverse summation order).
 Cases are the default profile's, with smaller caps so that 10^5 of them fit in a CPU run. Each kernel's result (cases, the largest ratio of each tier, its case, time) is printed and
-recorded in BENCHMARKS.md.
+recorded in BENCHMARKS.md. A second test runs the boundary_keys regime alone (2,500 cases a kernel;
+`-k boundary_keys`).
 """
 
 import dataclasses
@@ -60,3 +61,23 @@ def _every_thousand(message: str) -> None:
     """Progress lines ('  matches_reference: N cases, …') for every thousandth case."""
     if int(message.split(":")[1].split()[0]) % 1000 == 0:
         print(message, flush=True)
+
+
+BOUNDARY_CASES = 2_500
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_correct_kernel_passes_every_boundary_keys_case(name, monkeypatch):
+    """The boundary_keys regime alone (its keys at page and tile edges hold head 0's weight, so a
+    kernel's rounding concentrates on few keys): BOUNDARY_CASES cases per kernel at the soundness
+    profile's shapes, every one in that regime, none over either tier."""
+    from mla_verify.decode import strategies
+
+    monkeypatch.setattr(strategies, "REGIMES", ("boundary_keys",))
+    profile = dataclasses.replace(SOUNDNESS, max_examples=BOUNDARY_CASES)
+    report = run_property(KERNELS[name](), property_named("matches_reference"), profile, seed=SEEDS[0])
+    print(f"\nboundary_keys {name}: {report.examples} cases, max error/bound {report.max_ratio:.4g} (sound), "
+          f"max error/tolerance {report.max_sharp_ratio:.4g} (sharp)")
+    assert report.verdict == "pass", report.failures
+    assert report.examples >= BOUNDARY_CASES

@@ -20,7 +20,7 @@ __all__ = ["REGIMES", "SCALES", "Q_LAYOUTS", "SERVING_LENGTH", "DecodeCase", "dt
            "INDEX_PATTERNS", "SINKS", "WIDE_RANGE_DTYPES"]
 
 REGIMES = ("unit", "tiny", "large", "constant_keys", "extreme_positive", "extreme_negative", "large_q",
-           "below_sentinel", "late_outlier", "shifted_maxima")
+           "below_sentinel", "late_outlier", "shifted_maxima", "boundary_keys")
 # how q reaches the kernel: contiguous, a slice of a fused [q | other] projection, or a transpose
 # of a [b, h, s_q, d] tensor
 Q_LAYOUTS = ("contiguous", "fused", "transposed")

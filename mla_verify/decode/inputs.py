@@ -83,6 +83,20 @@ def sequence_values(case: DecodeCase, row: int, seed: int | None = None,
         at = length - 1 - int(torch.randint(max(length // 8, 1), (1,), generator=g))
         q0 = q[0, 0]
         keys[at] = keys[at] + 30.0 / (scale * float(q0 @ q0)) * q0
+    elif case.regime == "boundary_keys" and length:
+        # the keys where kernels cut their work (each page's and each 64-key tile's first and last
+        # slot, the first key, the newest s_q keys) get one logit for head 0, 3 above every other key
+        # it sees, so that they hold nearly all its weight, about 1 / their number each: a kernel that
+        # loses any one of them (an off-by-one at a boundary, the newest token) moves head 0's lse by
+        # about that much, where with random keys one token among thousands weighs ~1e-4 or less
+        q[:, 0] = q[0, 0].clone()
+        q0 = q[0, 0]
+        positions = torch.arange(length)
+        at = ((positions % case.page_size == 0) | (positions % case.page_size == case.page_size - 1)
+              | (positions % 64 == 0) | (positions % 64 == 63) | (positions >= length - case.s_q))
+        logits = scale * (keys @ q0)
+        target = float(logits[~at].max()) + 3.0 if bool((~at).any()) else 0.0
+        keys[at] = keys[at] + ((target - logits[at]) / (scale * float(q0 @ q0)))[:, None] * q0
     elif case.regime == "shifted_maxima":
         # a common key component; heads and batch rows see it with logit offsets of -100, 0, +100,
         # so their maxima differ by 100 or more (a max shared across heads or rows underflows)
