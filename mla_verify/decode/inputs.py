@@ -71,10 +71,16 @@ def sequence_values(case: DecodeCase, row: int, seed: int | None = None,
         # below -5e4, under the finite "-infinity" sentinels some kernels use), with a spread of
         # order one (±300) among them
         direction = torch.randn(d, generator=g, dtype=F64)
-        keys = direction + 0.05 * keys
         logit = {"extreme_positive": 300.0, "extreme_negative": -300.0, "below_sentinel": -6.0e4}[case.regime]
-        strength = logit / (scale * float(direction @ direction))
-        q = strength * direction + 0.05 * q * (1.0 if case.regime != "below_sentinel" else 0.0)
+        if case.regime == "below_sentinel":
+            # q and the keys share the magnitude (each ~ sqrt(6e4 / (scale d))): q alone would carry
+            # elements past float16's 65504 at small d
+            magnitude = math.sqrt(-logit / (scale * float(direction @ direction)))
+            keys = magnitude * (direction + 0.05 * keys)
+            q = -magnitude * direction.expand_as(q).clone()
+        else:
+            keys = direction + 0.05 * keys
+            q = logit / (scale * float(direction @ direction)) * direction + 0.05 * q
     elif case.regime == "large_q":
         # |q| around 100 per element: split-KV lse merges have overflowed here
         q = q * 100.0
@@ -106,6 +112,11 @@ def sequence_values(case: DecodeCase, row: int, seed: int | None = None,
         q = q + (offsets / (scale * 0.5 * float(direction @ direction)))[None, :, None] * direction
     if case.fp8:
         q, keys = _fp8_scale_regime(case, q, keys, g)
+    for name, values in (("q", q), ("keys", keys)):
+        if not bool(values.to(case.torch_dtype).isfinite().all()):
+            # a generator bug, not the kernel's: a kernel must never be failed on inputs the case did not mean
+            raise RuntimeError(f"mla_verify drew non-finite {name} in {case.dtype} for regime {case.regime!r} "
+                               f"(d={d}, scale={case.scale}); please report this case: {case}")
     return q, keys
 
 
