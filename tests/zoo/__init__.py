@@ -71,6 +71,7 @@ ZOO = (
          benign={"batch": 2, "lengths": (5, 5)}),
     _zoo(masking.empty_row_gives_nan, M, K.NONFINITE, benign={"causal": True, "s_q": 2}),
     _zoo(masking.empty_row_lse_plus_inf, M, K.WRONG_LSE, benign={"causal": True, "s_q": 2}),
+    _zoo(masking.finite_minus_infinity_sentinel, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES, benign={}),
     _zoo(masking.causal_top_left, M, K.WRONG_LSE, K.WRONG_VALUES, benign={"s_q": 2}),
     _zoo(masking.causal_excludes_own_position, M, K.NONFINITE, K.WRONG_LSE, K.WRONG_VALUES, benign={"s_q": 2}),
     _zoo(lse.lse_base2, M, K.WRONG_LSE),

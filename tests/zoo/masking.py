@@ -38,6 +38,30 @@ def empty_row_lse_plus_inf(q, kv_cache, block_table, cache_seqlens, head_dim_v, 
     return finish(pv(p, keys[..., :head_dim_v]), lse, q)
 
 
+FINITE_NEG_INF = -5.0e4  # a half-precision-safe "-infinity": fp16 holds it, as it does not -1e30
+
+
+def finite_minus_infinity_sentinel(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                                   causal=False):
+    """The running max starts at a finite "-infinity" (-5e4, chosen to fit float16) instead of -inf,
+    and a row whose sum of weights is 0 is taken for one that saw no key. Right on every usual
+    input; on a row whose logits all lie below the sentinel every weight exp(s - m) underflows, so
+    the row returns zeros and lse = -inf as if it were empty (mla-facts §10: a finite infinity
+    sentinel). The below_sentinel regime (logits near -6e4) is what reaches it."""
+    validate_decode_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    keys, valid, positions = gather(kv_cache, block_table, cache_seqlens)
+    visible = visible_mask(valid, positions, cache_seqlens, q.shape[1], causal)
+    scores = (qk(q, keys) * softmax_scale).masked_fill(~visible, -math.inf)
+    start = torch.full(scores.shape[:-1] + (1,), FINITE_NEG_INF, dtype=scores.dtype)
+    m = torch.maximum(scores.amax(-1, keepdim=True), start) if scores.shape[-1] else start  # BUG: finite start
+    weights = torch.exp(scores - m)
+    total = weights.sum(-1, keepdim=True)
+    seen = total > 0  # BUG: an underflowed row is taken for an empty one
+    out = pv(weights, keys[..., :head_dim_v]) / torch.where(seen, total, 1.0)
+    lse = torch.where(seen, m + torch.log(torch.where(seen, total, 1.0)), -math.inf)
+    return finish(out, lse.squeeze(-1), q)
+
+
 def causal_top_left(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal=False):
     """Causal mask aligned top-left (query i sees keys 0..i, as in a prefill from position 0) instead
     of bottom-right (query i sees keys < L - s_q + i + 1): FlashAttention changed this convention in
